@@ -1,0 +1,115 @@
+"""Build the heavy objects a run needs (planner, realizer, embedder) from a validated `HybridConfig`.
+
+Progress goes to a callback (the CLI prints it) because loading takes seconds to minutes on a CPU.
+Failures become `SetupError` with one readable line: missing model paths, an unreachable realizer
+server, a missing package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hybrid.config import HybridConfig
+from hybrid.state import HybridContext
+
+Progress = Callable[[str], None]
+
+
+class SetupError(RuntimeError):
+    """A component could not be built; the message says which and why, in one line."""
+
+
+def sampler_config(cfg: HybridConfig, *, diffusion_answer: bool = False):
+    from planners.sampler import SamplerConfig
+
+    p = cfg.planner
+    return SamplerConfig(
+        gen_length=p.gen_length,
+        steps=p.steps,
+        block_length=p.block_length,
+        temperature=p.temperature,
+        cfg_scale=p.cfg_scale,
+        confidence=p.confidence,
+        commit=p.commit,
+        threshold=p.threshold,
+        cache=p.cache,
+        seed=p.seed,
+        record_trajectory=True,
+    )
+
+
+def build_planner(cfg: HybridConfig, progress: Progress = lambda _m: None):
+    import torch
+
+    from planners.planner import Planner
+
+    p = cfg.planner
+    progress(f"loading planner ({p.model or 'embedded SmolLM2-135M diffusion planner'}) ...")
+    try:
+        planner = Planner.load(
+            p.model,
+            adapter=p.adapter,
+            mask_token_id=p.mask_token_id,
+            sampler=sampler_config(cfg),
+            device=p.device,
+            dtype=getattr(torch, p.dtype),
+        )
+    except FileNotFoundError as e:
+        raise SetupError(f"planner: {e}") from None
+    except ValueError as e:
+        raise SetupError(f"planner: {e}") from None
+    c = planner.model.config
+    if c.attention == "block_causal" and c.block_size != p.block_length:
+        raise SetupError(
+            f"planner.block_length={p.block_length} but this planner was trained with blocks of {c.block_size}; "
+            f"set planner.block_length={c.block_size}"
+        )
+    return planner
+
+
+def build_realizer(cfg: HybridConfig, progress: Progress = lambda _m: None):
+    from realizers.base import RealizerError, SamplingParams
+
+    r = cfg.realizer
+    params = SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+    if r.kind == "openai":
+        from realizers.openai_compat import OpenAIRealizer
+        from realizers.server import wait_ready
+
+        progress(f"connecting to realizer server {r.base_url} ...")
+        try:
+            served = wait_ready(r.base_url, timeout_s=r.connect_timeout_s, api_key=r.api_key)
+        except RealizerError as e:
+            raise SetupError(f"realizer server unreachable: {e}") from None
+        model = r.model or (served[0] if served else None)
+        return OpenAIRealizer(
+            r.base_url,
+            model,
+            api_key=r.api_key,
+            timeout_s=r.timeout_s,
+            connect_timeout_s=r.connect_timeout_s,
+            max_retries=r.max_retries,
+            params=params,
+        )
+    from realizers.embedded import embedded_realizer
+
+    progress(f"loading realizer (embedded SmolLM2-135M-Instruct, {r.backend}) ...")
+    try:
+        kwargs = {"gguf_path": r.model} if r.model else {}
+        return embedded_realizer(r.backend, params=params, **kwargs)
+    except RealizerError as e:
+        raise SetupError(f"realizer: {e}") from None
+
+
+def build_context(cfg: HybridConfig, progress: Progress = lambda _m: None, *, modes: set[str] | None = None):
+    """Load what the configured mode (or every mode in `modes`) needs."""
+    modes = modes or {cfg.mode}
+    planner = build_planner(cfg, progress) if modes & {"hybrid", "diffusion"} else None
+    realizer = build_realizer(cfg, progress) if modes & {"hybrid", "ar"} else None
+    embed = None
+    if planner is not None and cfg.score.clusterer == "embedding":
+        from planners.embedding import default_embedder
+
+        progress("loading sentence embedder (all-MiniLM-L6-v2) ...")
+        embed = default_embedder()
+    return HybridContext(config=cfg, planner=planner, realizer=realizer, embed=embed)

@@ -1,0 +1,5 @@
+import sys
+
+from planners.adapt.cli import main
+
+sys.exit(main())

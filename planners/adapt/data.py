@@ -1,0 +1,273 @@
+"""Adaptation data: a generated prompt set and self-distilled responses.
+
+- `make_prompts(seed)`: thousands of diverse prompts from templates × topics (how-to questions,
+  explanations, plan-shaped requests, comparisons, short factual and arithmetic questions). Deterministic
+  by seed; the held-out split is chosen by topic (a held-out topic never appears in training under any
+  template), so held-out metrics measure generalisation, not template recall. Arithmetic items carry
+  their exact answer (`answer`) so benchmarks can check correctness.
+- `distill(...)`: the packaged instruct model answers every prompt itself through llama-cpp (greedy,
+  at most `max_new_tokens`), one JSON line per prompt with prompt/response token ids (the tokenizer's
+  chat template, SmolLM2's default system turn included). Resumable: prompts already in the file are skipped.
+- `load_examples(path)`: read the JSONL back.
+
+Knows nothing about the diffusion objective or the model code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- topics
+
+TASKS = """bake bread|make pancakes|cook rice on the stove|brew a good cup of coffee|make a fruit smoothie|plan a weekly meal menu
+|learn to swim|start running as a beginner|train for a 5k race|improve my posture|stretch after a workout|build a home workout routine
+|plan a trip to Rome|pack for a weekend trip|find cheap flights|prepare for a long road trip|plan a camping trip|learn basic phrases before travelling abroad
+|fix a flat bicycle tire|change a car tire|jump-start a car battery|unclog a kitchen sink|paint a bedroom wall|hang a picture frame
+|write a resume|prepare for a job interview|ask for a raise|write a cover letter|negotiate a salary|start a new job well
+|start a vegetable garden|grow tomatoes on a balcony|care for a houseplant|compost kitchen scraps|plant a tree|keep weeds out of a garden
+|train a puppy|introduce a new cat to a home|care for a goldfish|walk a dog on a leash|groom a long-haired dog|choose a pet for a small apartment
+|save money each month|make a household budget|pay off credit card debt|start an emergency fund|reduce my electricity bill|save for a holiday
+|learn Python|write a simple website|set up a Git repository|debug a program|learn to touch type|back up my computer files
+|study for an exam|take better notes in class|learn a new language|memorize a speech|read more books|improve my handwriting
+|organize a closet|clean a kitchen quickly|declutter a small room|do laundry without shrinking clothes|remove a coffee stain|wash windows without streaks
+|plan a birthday party|host a dinner for friends|write a thank-you note|make new friends in a new city|apologize to a friend|plan a surprise for my partner
+|fall asleep faster|wake up early|reduce stress at work|start meditating|drink more water|build a morning routine
+|write a short story|start a blog|take better photos with a phone|learn to draw|learn to play the guitar|write a poem
+|give a good presentation|run an effective meeting|manage my time better|set goals for the new year|stay focused while working from home|write a clear email
+|teach a child to ride a bike|help a child with homework|make a family chore chart|plan a rainy day activity for kids|pack a school lunch|read a bedtime story well
+|recycle plastic correctly|reduce food waste|use less water at home|make my home more energy efficient|start a small business|open a bank account
+|sew on a button|iron a shirt|tie a tie|fold a fitted sheet|polish leather shoes|knit a scarf
+|make a paper airplane|build a birdhouse|set up a fish tank|make a candle|build a simple bookshelf|make homemade soap
+|prepare for a power outage|make a first aid kit|treat a minor burn|prevent a cold|choose running shoes|learn to cook healthy meals
+|buy a used car|rent my first apartment|move to a new house|choose a laptop|set up a home Wi-Fi network|secure my online accounts
+|learn chess|solve a Rubik's cube|start a book club|volunteer in my community|learn to juggle|plan a picnic""".replace("\n", "")
+
+CONCEPTS = """photosynthesis|gravity|the water cycle|climate change|inflation|interest rates|the immune system|DNA|evolution|electricity
+|magnetism|the internet|a computer program|machine learning|a black hole|the solar system|the moon's phases|volcanoes|earthquakes|rainbows
+|the seasons|tides|the greenhouse effect|recycling|vaccines|antibiotics|sleep|memory|democracy|taxes
+|supply and demand|a budget|compound interest|the stock market|a credit score|insurance|renewable energy|solar panels|wind turbines|batteries
+|sound waves|light|the speed of light|atoms|molecules|chemical reactions|friction|energy|heat|weather forecasts
+|clouds|lightning|the ocean currents|coral reefs|rainforests|deserts|bees and pollination|food chains|the heart|the lungs
+|digestion|muscles|bones|nutrition|exercise|stress|habits|motivation|teamwork|leadership
+|negotiation|a good argument|the scientific method|a hypothesis|statistics|probability|an average|percentages|fractions|prime numbers
+|encryption|passwords|cloud computing|a database|an operating system|a search engine|email|social media|video games|3D printing
+|the printing press|the industrial revolution|ancient Rome|the pyramids|the Olympic Games|the metric system|time zones|maps|the compass|money""".replace(
+    "\n", ""
+)
+
+PAIRS = """cats|dogs;tea|coffee;trains|planes;renting|buying a home;reading|listening to audiobooks;running|cycling;summer|winter
+;cities|the countryside;email|phone calls;paper books|e-books;laptops|tablets;walking|driving;solar power|wind power
+;saving|investing;working from home|working in an office;baking|frying;weather|climate;viruses|bacteria;frogs|toads
+;rivers|lakes;oceans|seas;stars|planets;fruits|vegetables;butter|margarine;wool|cotton;chess|checkers;violins|cellos""".replace(
+    "\n", ""
+)
+
+COUNTRIES = """France:Paris|Germany:Berlin|Italy:Rome|Spain:Madrid|Portugal:Lisbon|Japan:Tokyo|China:Beijing|India:New Delhi
+|Brazil:Brasilia|Canada:Ottawa|Mexico:Mexico City|Egypt:Cairo|Kenya:Nairobi|Australia:Canberra|Russia:Moscow|Greece:Athens
+|Norway:Oslo|Sweden:Stockholm|Finland:Helsinki|Poland:Warsaw|Ireland:Dublin|Argentina:Buenos Aires|Peru:Lima|Chile:Santiago
+|Turkey:Ankara|Thailand:Bangkok|Vietnam:Hanoi|South Korea:Seoul|Austria:Vienna|Netherlands:Amsterdam|Belgium:Brussels
+|Denmark:Copenhagen|Hungary:Budapest|Switzerland:Bern|Nigeria:Abuja|Morocco:Rabat|Indonesia:Jakarta|Cuba:Havana""".replace(
+    "\n", ""
+)
+
+HOWTO_TEMPLATES = (
+    "How do I {x}?",
+    "What is the best way to {x}?",
+    "Give me some tips to {x}.",
+    "List the steps to {x}.",
+    "Make a short plan to {x}.",
+    "Outline how to {x}, step by step.",
+    "I want to {x}. Where should I start?",
+    "What do I need to {x}?",
+    "Write a checklist to {x}.",
+    "What are common mistakes when trying to {x}?",
+)
+CONCEPT_TEMPLATES = (
+    "Explain {x} in simple terms.",
+    "What is {x}?",
+    "Describe {x} to a ten-year-old.",
+    "Why is {x} important?",
+    "Give three facts about {x}.",
+    "Summarize how {x} works.",
+    "Write a short paragraph about {x}.",
+)
+PAIR_TEMPLATES = (
+    "Compare {a} and {b}.",
+    "What are the differences between {a} and {b}?",
+    "Which is better, {a} or {b}? Give reasons.",
+)
+COUNTRY_TEMPLATES = (
+    "What is the capital of {c}?",
+    "Tell me three things about {c}.",
+    "Plan a one-week trip to {c}.",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    kind: str  # howto | concept | compare | country | arithmetic
+    topic: str  # the split key: all prompts about one topic fall in the same split
+    answer: str | None = None  # exact answer for checkable (arithmetic, capital) questions
+
+
+def _split_of(topic: str, heldout_percent: int) -> str:
+    h = int(hashlib.sha1(topic.encode()).hexdigest()[:8], 16) % 100
+    return "heldout" if h < heldout_percent else "train"
+
+
+def _arithmetic(rng: random.Random, n: int) -> list[Prompt]:
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        op = rng.choice(["+", "-", "*", "apples", "cost"])
+        if op == "+":
+            text, ans = f"What is {a} + {b}?", a + b
+        elif op == "-":
+            a, b = max(a, b), min(a, b)
+            text, ans = f"What is {a} - {b}?", a - b
+        elif op == "*":
+            a, b = a % 13 + 2, b % 13 + 2
+            text, ans = f"What is {a} times {b}?", a * b
+        elif op == "apples":
+            text, ans = f"I have {a} apples and buy {b} more. How many apples do I have now?", a + b
+        else:
+            a, b = a % 20 + 2, b % 9 + 2
+            text, ans = f"One notebook costs {b} dollars. How much do {a} notebooks cost?", a * b
+        out.append(Prompt(text, "arithmetic", text, str(ans)))
+    return out
+
+
+def make_prompts(seed: int = 0, *, heldout_percent: int = 6, n_arithmetic: int = 400) -> dict[str, list[Prompt]]:
+    """All template × topic prompts plus `n_arithmetic` arithmetic questions, shuffled by `seed`,
+    split into {"train": [...], "heldout": [...]} by topic hash."""
+    rng = random.Random(seed)
+    items: list[Prompt] = []
+    for x in TASKS.split("|"):
+        items += [Prompt(t.format(x=x), "howto", x) for t in HOWTO_TEMPLATES]
+    for x in CONCEPTS.split("|"):
+        items += [Prompt(t.format(x=x), "concept", x) for t in CONCEPT_TEMPLATES]
+    for pair in PAIRS.split(";"):
+        a, b = pair.split("|")
+        items += [Prompt(t.format(a=a, b=b), "compare", pair) for t in PAIR_TEMPLATES]
+    for entry in COUNTRIES.split("|"):
+        c, capital = entry.split(":")
+        items += [
+            Prompt(t.format(c=c), "country", c, capital if "capital" in t else None) for t in COUNTRY_TEMPLATES
+        ]
+    items += _arithmetic(rng, n_arithmetic)
+    seen: set[str] = set()
+    unique = [p for p in items if not (p.text in seen or seen.add(p.text))]
+    rng.shuffle(unique)
+    split: dict[str, list[Prompt]] = {"train": [], "heldout": []}
+    for p in unique:
+        split[_split_of(p.topic, heldout_percent)].append(p)
+    return split
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """The instruct model's own chat formatting of one user turn, ending with the assistant header."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _done_texts(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    done = set()
+    for line in path.read_text().splitlines():
+        try:
+            done.add(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a half-written last line from an interrupted run
+    return done
+
+
+def distill(
+    prompts: list[Prompt],
+    out: str | Path,
+    *,
+    gguf_path: str | Path,
+    tokenizer,
+    max_new_tokens: int = 96,
+    n_threads: int = 2,
+    limit: int | None = None,
+    deadline: float | None = None,
+    progress: bool = True,
+) -> int:
+    """Answer `prompts` with the GGUF instruct model (greedy) and append JSON lines
+    {"text", "kind", "topic", "answer", "prompt_ids", "response_ids", "finished"} to `out`.
+    `response_ids` ends with the end-of-turn id when the model finished within `max_new_tokens`
+    (`finished`). Skips prompts already in the file; stops after `limit` new lines or at `deadline`
+    (time.time()). Returns the number of lines written now."""
+    import llama_cpp
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_texts(out)
+    todo = [p for p in prompts if p.text not in done]
+    if limit is not None:
+        todo = todo[:limit]
+    if not todo:
+        return 0
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_threads=n_threads, verbose=False)
+    eos = llm.token_eos()
+    written = 0
+    tokens = 0
+    bar = tqdm(todo, desc="distill", disable=not progress, dynamic_ncols=True)
+    start = time.time()
+    with out.open("a") as f:
+        for p in bar:
+            if deadline is not None and time.time() > deadline:
+                break
+            prompt_ids = chat_prompt_ids(tokenizer, p.text)
+            resp: list[int] = []
+            finished = False
+            for t in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                if t == eos or t in tokenizer.all_special_ids and t != eos:
+                    resp.append(eos)
+                    finished = True
+                    break
+                resp.append(t)
+                if len(resp) >= max_new_tokens:
+                    break
+            rec = {**asdict(p), "prompt_ids": prompt_ids, "response_ids": resp, "finished": finished}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            written += 1
+            tokens += len(resp)
+            bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
+    return written
+
+
+def load_examples(path: str | Path, *, kinds: tuple[str, ...] | None = None) -> list[dict]:
+    """Distilled examples from a JSONL file (incomplete trailing lines are ignored)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("response_ids") and (kinds is None or r.get("kind") in kinds):
+            rows.append(r)
+    return rows
+
+
+def iter_unique(rows: list[dict]) -> Iterator[dict]:
+    seen: set[str] = set()
+    for r in rows:
+        if r["text"] not in seen:
+            seen.add(r["text"])
+            yield r

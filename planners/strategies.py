@@ -1,0 +1,273 @@
+"""Strategy registries for the reverse-diffusion sampler: statistics precision, confidence, count schedule,
+commit rule, remasking and KV-cache windows.
+
+Each strategy is a small pure function over the tensors of one denoising step, registered under a `Literal`
+name; `planners.sampler.SamplerConfig` checks names against these registries when it is built. Nothing here
+runs a model or loops over steps: the one loop lives in `planners.sampler`. Shapes: B rows, W positions of
+the current block, V vocabulary. Every function works on whole batches with tensor ops (no per-row Python,
+no host reads), so the loop stays free of host syncs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kernels.sampling_stats import TokenStats, token_stats
+
+Precision = Literal["float32", "float64"]
+Confidence = Literal["random", "max_prob", "entropy", "margin"]
+Schedule = Literal["llada", "dream"]
+Commit = Literal["static", "threshold", "dilated", "entropy_bounded"]
+Remask = Literal["none", "low_confidence"]
+Cache = Literal["none", "prefix", "dual"]
+EarlyStop = Literal["off", "all", "any"]
+
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------- statistics precision
+
+
+def token_stats_float64(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    u: torch.Tensor | None = None,
+    seed: int | None = None,
+    exclude_ids: torch.Tensor | Sequence[int] | None = None,
+) -> TokenStats:
+    """`token_stats` in float64: LLaDA's reference arithmetic (generate.py: "low-precision Gumbel-max ...
+    reduces generation quality. Thus, we use float64", after arXiv 2409.02908).
+
+    token = argmax(exp(l) / (-log u)^T), taken in the log domain as argmax(l - T log(-log u)) so large logits
+    cannot overflow (a monotone transform: same argmax); prob = softmax(l)[token] with l in float64.
+    Fields come back as int64 / float64. `seed` is accepted for signature parity and unused (pass `u`)."""
+    del seed
+    x = logits.double()  # (..., V), a copy unless the input is float64 already (then never written)
+    if exclude_ids is not None:
+        ids = torch.as_tensor(exclude_ids, device=x.device).reshape(-1).long()
+        x = x.index_fill(-1, ids, NEG_INF)
+    p = torch.softmax(x, dim=-1)
+    entropy = torch.special.entr(p).sum(-1)
+    top2 = p.topk(min(2, p.shape[-1]), dim=-1).values
+    margin = top2[..., 0] - top2[..., 1] if top2.shape[-1] > 1 else top2[..., 0]
+    if temperature > 0:
+        if u is None:
+            raise ValueError("token_stats_float64 needs the uniform noise u at temperature > 0")
+        token = (x - temperature * torch.log(-torch.log(u.double()))).argmax(-1)
+    else:
+        token = x.argmax(-1)
+    prob = p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    return TokenStats(token, prob, entropy, margin)
+
+
+StatsFn = Callable[..., TokenStats]
+PRECISIONS: dict[str, StatsFn] = {
+    # fused kernel on CUDA (Triton), the PyTorch reference elsewhere; float32 arithmetic
+    "float32": token_stats,
+    # LLaDA's reference precision: exact reproduction of generate.py (fidelity tests), 2x the memory
+    "float64": token_stats_float64,
+}
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def _conf_random(s: TokenStats, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(s.prob.shape, generator=generator, device=s.prob.device, dtype=s.prob.dtype)
+
+
+CONFIDENCES: dict[str, Callable[[TokenStats, torch.Generator | None], torch.Tensor]] = {
+    "random": _conf_random,  # LLaDA remasking="random": uniform scores, a random order
+    "max_prob": lambda s, g: s.prob,  # Dream maskgit_plus / LLaDA low_confidence: p(token)
+    "entropy": lambda s, g: -s.entropy,  # Dream `entropy`: sum p log p (higher = more confident)
+    "margin": lambda s, g: s.margin,  # Dream topk_margin: p1 - p2
+}
+
+
+def calibrate(conf: torch.Tensor, strength: float) -> torch.Tensor:
+    """Position calibration (cf. PC-Sampler, arXiv 2508.13021): score = conf - strength * d / W, d the offset
+    from the block start. strength > 0 favours the block's left end (more AR-like), < 0 its right end."""
+    if strength == 0.0:
+        return conf
+    w = conf.shape[-1]
+    d = torch.arange(w, device=conf.device, dtype=conf.dtype) / max(w, 1)
+    return conf - strength * d
+
+
+# ----------------------------------------------------------------------------- count schedules
+
+
+def llada_counts(masked_now: torch.Tensor, masked_start: torch.Tensor, i: int, s: int, eps: float) -> torch.Tensor:
+    """LLaDA `get_num_transfer_tokens` (linear schedule, paper Eq. 8): with M masked at the block start and s
+    steps, every step commits M // s, the first M % s steps one more. Tokens remasked since (remasking) are
+    added on top, so the block still ends with no masks. (B,) int64."""
+    base = masked_start // s
+    rem = masked_start % s
+    planned_left = masked_start - (base * i + rem.clamp(max=i))
+    return base + (rem > i).long() + (masked_now - planned_left).clamp(min=0)
+
+
+@functools.cache
+def _dream_ratio(s: int, eps: float, device: str) -> tuple[torch.Tensor, ...]:
+    ts = torch.linspace(1, eps, s + 1, device=device)  # float32, as Dream builds its timesteps
+    return tuple(1 - ts[i + 1] / ts[i] for i in range(s))
+
+
+def dream_counts(masked_now: torch.Tensor, masked_start: torch.Tensor, i: int, s: int, eps: float) -> torch.Tensor:
+    """Dream `_sample`: timesteps linspace(1, eps, s + 1); step i unmasks int(n * (1 - t_{i+1} / t_i)) of the
+    n positions masked now, all of them on the last step. float32 arithmetic as Dream's. Dream counts the
+    batch mean of n; we count per row (the same for one row, or rows with equal counts). (B,) int64."""
+    if i == s - 1:
+        return masked_now.clone()
+    ratio = _dream_ratio(s, float(eps), str(masked_now.device))[i]
+    return (masked_now.to(torch.float32) * ratio).long()  # int(): truncation, n * ratio >= 0
+
+
+SCHEDULES: dict[str, Callable[..., torch.Tensor]] = {"llada": llada_counts, "dream": dream_counts}
+
+
+# ----------------------------------------------------------------------------- commit rules
+
+
+def ranks_desc(score: torch.Tensor) -> torch.Tensor:
+    """Per row, the rank of every entry under a descending sort (0 = best); ties keep column order. (B, W)."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    ar = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
+def top_k_mask(score: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k without a Python loop over rows: (B, W) bool, True at the k[b] best entries of row b."""
+    return ranks_desc(score) < k.unsqueeze(-1)
+
+
+@functools.cache
+def dilated_order(w: int, device: str) -> torch.Tensor:
+    """(W,) priority of every block offset under the dilated schedule: offsets sorted by their bit-reversed
+    index, so consecutive picks are as far apart as the block allows (W=8: 0, 4, 2, 6, 1, 5, 3, 7)."""
+    bits = max(1, (w - 1).bit_length())
+    rev = [int(format(o, f"0{bits}b")[::-1], 2) for o in range(w)]
+    order = sorted(range(w), key=lambda o: rev[o])
+    prio = [0] * w
+    for r, o in enumerate(order):
+        prio[o] = r
+    return torch.tensor(prio, device=device)
+
+
+@dataclass
+class CommitInputs:
+    """What a commit rule sees at one step (positions of the current block)."""
+
+    score: torch.Tensor  # (B, W) calibrated confidence, -inf where not masked: the ranking
+    conf: torch.Tensor  # (B, W) raw confidence, for thresholds
+    entropy: torch.Tensor  # (B, W) token entropy, nats
+    masked: torch.Tensor  # (B, W) bool, the candidates
+    count: torch.Tensor | None  # (B,) tokens to commit, from the schedule (count-based rules only)
+    threshold: float
+    gamma: float
+
+
+def commit_static(c: CommitInputs) -> torch.Tensor:
+    """LLaDA low-confidence remasking: commit the `count` highest-scoring masked positions."""
+    assert c.count is not None
+    return top_k_mask(c.score, c.count) & c.masked
+
+
+def commit_dilated(c: CommitInputs) -> torch.Tensor:
+    """Dilated unmasking (DUS, "Plan for Speed: Dilated Scheduling for Masked Diffusion LMs"): commit `count`
+    masked positions in the fixed bit-reversed order of `dilated_order`, so the tokens committed together are
+    spread across the block and depend on each other as little as possible. Confidence-free by design (like
+    DUS); the count per step comes from the schedule."""
+    assert c.count is not None
+    prio = -dilated_order(c.masked.shape[-1], str(c.masked.device)).to(c.score.dtype)
+    return top_k_mask(torch.where(c.masked, prio, NEG_INF), c.count) & c.masked
+
+
+def commit_threshold(c: CommitInputs) -> torch.Tensor:
+    """Fast-dLLM parallel decoding (arXiv 2505.22618): the top-1 masked position always, plus every masked
+    position whose confidence is >= threshold."""
+    top1 = top_k_mask(c.score, torch.ones_like(c.score[:, 0], dtype=torch.long))
+    return (top1 | (c.conf >= c.threshold)) & c.masked
+
+
+def commit_entropy_bounded(c: CommitInputs) -> torch.Tensor:
+    """EB-sampler (arXiv 2505.24857), simplified: take masked positions in score order while the running sum
+    of their entropies stays <= gamma; always at least the first."""
+    order = c.score.argsort(dim=-1, descending=True, stable=True)
+    ent = torch.where(c.masked, c.entropy, torch.zeros_like(c.entropy)).gather(-1, order)
+    keep_sorted = ent.cumsum(-1) <= c.gamma
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return keep & c.masked
+
+
+COMMITS: dict[str, Callable[[CommitInputs], torch.Tensor]] = {
+    "static": commit_static,
+    "threshold": commit_threshold,
+    "dilated": commit_dilated,
+    "entropy_bounded": commit_entropy_bounded,
+}
+COUNTED_COMMITS = frozenset({"static", "dilated"})  # need a count schedule (and LLaDA's divisibility rules)
+
+
+# ----------------------------------------------------------------------------- remasking
+
+
+def remask_low_confidence(
+    p_now: torch.Tensor, eligible: torch.Tensor, *, threshold: float, max_count: int
+) -> torch.Tensor:
+    """ReMDM-style remasking (arXiv 2503.00307, confidence variant), bounded: of the eligible committed tokens
+    whose probability under the current step's prediction is below `threshold`, send back to mask at most
+    `max_count` per row, least likely first. (B, W) bool."""
+    cand = eligible & (p_now < threshold)
+    score = torch.where(cand, -p_now, NEG_INF)
+    k = torch.full_like(score[:, 0], max_count, dtype=torch.long)
+    return top_k_mask(score, k) & cand
+
+
+REMASKS: dict[str, Callable[..., torch.Tensor] | None] = {"none": None, "low_confidence": remask_low_confidence}
+
+
+# ----------------------------------------------------------------------------- KV-cache windows
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which positions a step's forward computes: [start, end) of the sequence."""
+
+    start: int
+    end: int
+
+
+def window_none(*, refresh: bool, lo: int, hi: int, length: int, shift: int, causal: bool, fresh: int) -> Window:
+    """No cache: every step is a full forward."""
+    return Window(0, length)
+
+
+def window_prefix(*, refresh: bool, lo: int, hi: int, length: int, shift: int, causal: bool, fresh: int) -> Window:
+    """Fast-dLLM prefix cache. Block start (refresh): full attention recomputes everything (its logits make
+    the block's first step); causal / block-causal attention recomputes only from `fresh` (the first position
+    whose K/V is not final) to the block end, as later positions are invisible to the block. Inside the block:
+    x[:, lo - shift:] (full) or x[:, lo - shift:hi] (causal: exact)."""
+    if refresh:
+        return Window(fresh, hi) if causal else Window(0, length)
+    return Window(max(lo - shift, 0), hi if causal else length)
+
+
+def window_dual(*, refresh: bool, lo: int, hi: int, length: int, shift: int, causal: bool, fresh: int) -> Window:
+    """Fast-dLLM dual cache: refresh as the prefix cache, then only x[:, lo - shift:hi] over the whole cache
+    (prefix and stale suffix reused until the next block)."""
+    if refresh:
+        return window_prefix(refresh=True, lo=lo, hi=hi, length=length, shift=shift, causal=causal, fresh=fresh)
+    return Window(max(lo - shift, 0), hi)
+
+
+CACHES: dict[str, Callable[..., Window]] = {"none": window_none, "prefix": window_prefix, "dual": window_dual}
+
+EARLY_STOPS: tuple[str, ...] = ("off", "all", "any")

