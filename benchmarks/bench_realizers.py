@@ -90,6 +90,7 @@ def main() -> None:
     a = p.parse_args()
     backends = [b for b in a.backends.split(",") if b] + (["vllm"] if a.vllm_url else [])
     results = []
+    load_before = os.getloadavg()
     for b in backends:
         r = asyncio.run(bench(b, a.max_tokens, a.vllm_url))
         print(
@@ -98,7 +99,12 @@ def main() -> None:
             flush=True,
         )
         results.append(r)
-    env = dict(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version())
+    env = dict(
+        machine=platform.machine(),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        loadavg_1m_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],  # neighbours share the CPU
+    )
     print(json.dumps(dict(bench="realizers", max_tokens=a.max_tokens, env=env, results=results)))
 
 

@@ -83,7 +83,9 @@ def validate_question(question: str, cfg: HybridConfig) -> str:
     if not q:
         raise UserError("the question is empty")
     if len(q) > cfg.max_question_chars:
-        raise UserError(f"the question is {len(q)} characters; the limit is {cfg.max_question_chars} (max_question_chars)")
+        raise UserError(
+            f"the question is {len(q)} characters; the limit is {cfg.max_question_chars} (max_question_chars)"
+        )
     return q
 
 
@@ -247,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("graph", help="print the graph's mermaid drawing")
     g.set_defaults(func=cmd_graph)
     for name, module, help_ in (
-        ("adapt", "planners.adapt.__main__", "adapt an AR checkpoint into a diffusion planner (training)"),
+        ("adapt", "planners.adapt.cli", "adapt an AR checkpoint into a diffusion planner (training)"),
         ("vllm-local", "realizers.local_vllm", "prepare / start / stop a local vLLM (CPU build) realizer server"),
         ("serve", "hybrid.server", "OpenAI-compatible HTTP server for the hybrid pipeline"),
         ("compare", "hybrid.compare", "compare diffusion, hybrid and AR modes on a task set"),

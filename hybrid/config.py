@@ -43,6 +43,7 @@ class PlannerSettings(_Section):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gen_length: int = Field(48, ge=1, le=4096)
+    answer_length: int = Field(96, ge=1, le=4096, description="generation length in diffusion mode (the answer)")
     steps: int = Field(48, ge=1, le=4096)
     block_length: int = Field(8, ge=1, le=4096)
     commit: str = "threshold"
@@ -75,11 +76,15 @@ class PlannerSettings(_Section):
     @model_validator(mode="after")
     def _blocks(self) -> PlannerSettings:
         if self.block_length > self.gen_length:
-            raise ValueError(f"planner.block_length ({self.block_length}) exceeds planner.gen_length ({self.gen_length})")
-        if self.gen_length % self.block_length:
             raise ValueError(
-                f"planner.gen_length ({self.gen_length}) must be a multiple of planner.block_length ({self.block_length})"
+                f"planner.block_length ({self.block_length}) exceeds planner.gen_length ({self.gen_length})"
             )
+        for name in ("gen_length", "answer_length"):
+            if getattr(self, name) % self.block_length:
+                raise ValueError(
+                    f"planner.{name} ({getattr(self, name)}) must be a multiple of planner.block_length "
+                    f"({self.block_length})"
+                )
         return self
 
 
@@ -174,8 +179,10 @@ def _env_layer() -> dict[str, Any]:
     # Read HYBRID_* ourselves so file < env < overrides holds for nested keys too.
     out: dict[str, Any] = {}
     for key, value in os.environ.items():
-        if not key.startswith("HYBRID_") or key in ("HYBRID_CACHE_DIR", "HYBRID_KERNELS") or key.startswith(
-            ("HYBRID_VLLM", "HYBRID_REQUIRE", "HYBRID_TEST")
+        if (
+            not key.startswith("HYBRID_")
+            or key in ("HYBRID_CACHE_DIR", "HYBRID_KERNELS")
+            or key.startswith(("HYBRID_VLLM", "HYBRID_REQUIRE", "HYBRID_TEST"))
         ):
             continue
         path = key[len("HYBRID_") :].lower().split("__")

@@ -1,8 +1,8 @@
-"""The prebuilt graph: wiring only (the logic lives in `hybrid.nodes`).
+r"""The prebuilt graph: wiring only (the logic lives in `hybrid.nodes`).
 
-    START -> begin -> (mode) -> plan -> score -> (accepted | budget spent) -> realize -> END
-                         \                  \--(revise)--> revise -> score
-                          \-- ar --> realize
+START -> begin -> (mode) -> plan -> score -> (accepted | budget spent) -> realize -> END
+                     \                  \--(revise)--> revise -> score
+                      \-- ar --> realize
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@
              the answer and is streamed as is)
 
 Every node reads models from `runtime.context` (`HybridContext`) and writes progress to LangGraph's custom
-stream (`{"type": "plan" | "score" | "revise" | "token" | "status", ...}`); realized text also goes out as
-`AIMessageChunk`s on the "messages" stream when langchain-core is importable. Node functions never hold
-models in state.
+stream (`{"type": "plan" | "score" | "revise" | "token" | "status" | "done", ...}`) as it happens: the
+realizer's text deltas leave as `token` events while the realizer is still generating. Node functions never
+hold models in state.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def _draft_dict(result: PlanResult) -> dict[str, Any]:
 
 def _result_from_state(state: HybridState) -> PlanResult:
     traj = Trajectory.from_dict(state.trajectory) if state.trajectory else None
-    return PlanResult(state.plan or "", state.plan_tokens, state.prompt_ids, traj, state.plan_stats, span=state.plan_span)
+    return PlanResult(
+        state.plan or "", state.plan_tokens, state.prompt_ids, traj, state.plan_stats, span=state.plan_span
+    )
 
 
 # ----------------------------------------------------------------------------------------------- begin
@@ -83,6 +85,14 @@ def begin(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------------- plan
+def _length_overrides(ctx: HybridContext, mode: str) -> dict[str, int]:
+    """Diffusion mode writes the whole answer: planner.answer_length tokens, steps scaled to match."""
+    p = ctx.config.planner
+    if mode != "diffusion":
+        return {}
+    return {"gen_length": p.answer_length, "steps": max(1, p.steps * p.answer_length // p.gen_length)}
+
+
 async def plan(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
     ctx = runtime.context
     write = _writer()
@@ -95,12 +105,17 @@ async def plan(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str,
         else prompts.plan_messages(state.question, state.history)
     )
     write({"type": "status", "stage": "plan", "mode": mode})
-    result: PlanResult = await asyncio.to_thread(ctx.planner.plan, messages)
+    result: PlanResult = await asyncio.to_thread(ctx.planner.plan, messages, **_length_overrides(ctx, mode))
     plan_ms = (time.time() - t0) * 1000
     write({"type": "plan", "text": result.text, "nfe": result.stats.get("nfe"), "plan_ms": plan_ms})
     return {
         **_draft_dict(result),
-        "timings": {**state.timings, "started_at": started, "plan_ms": plan_ms, "nfe": float(result.stats.get("nfe", 0))},
+        "timings": {
+            **state.timings,
+            "started_at": started,
+            "plan_ms": plan_ms,
+            "nfe": float(result.stats.get("nfe", 0)),
+        },
     }
 
 
@@ -178,7 +193,9 @@ async def revise(state: HybridState, runtime: Runtime[HybridContext]) -> dict[st
             else prompts.plan_messages(state.question, state.history)
         )
         temperature = max(ctx.planner.sampler.temperature, 0.7)
-        result = await asyncio.to_thread(ctx.planner.plan, messages, seed=seed, temperature=temperature)
+        result = await asyncio.to_thread(
+            ctx.planner.plan, messages, seed=seed, temperature=temperature, **_length_overrides(ctx, mode)
+        )
         positions: list[int] = list(range(len(result.span)))
     else:
         positions = select_remask_span(
@@ -207,14 +224,6 @@ async def revise(state: HybridState, runtime: Runtime[HybridContext]) -> dict[st
 
 
 # ----------------------------------------------------------------------------------------------- realize
-def _message_chunk(text: str):
-    try:
-        from langchain_core.messages import AIMessageChunk
-    except ImportError:  # langchain-core is optional: the custom stream carries the same tokens
-        return None
-    return AIMessageChunk(content=text)
-
-
 async def realize(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
     from realizers.base import Completion, SamplingParams, TextDelta
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-PLAN_REQUEST = "List the key steps to answer this, briefly:\n{question}"
+# The embedded planner was adapted on the instruct model's own answers to plain questions
+# (planners/adapt/data.py), so it is asked the question as is: its short draft of the answer's opening and
+# structure is the plan. Larger planners (LLaDA, Dream) can take a more explicit request here.
+PLAN_REQUEST = "{question}"
 ANSWER_REQUEST = "{question}"
 
 REALIZER_SYSTEM = "You are a helpful assistant. Answer clearly and concisely."
@@ -26,9 +29,7 @@ def answer_messages(question: str, history: Sequence[dict[str, str]] = ()) -> li
     return [*_recent(history), {"role": "user", "content": ANSWER_REQUEST.format(question=question)}]
 
 
-def realizer_messages(
-    question: str, plan: str | None, history: Sequence[dict[str, str]] = ()
-) -> list[dict[str, str]]:
+def realizer_messages(question: str, plan: str | None, history: Sequence[dict[str, str]] = ()) -> list[dict[str, str]]:
     system = REALIZER_SYSTEM_WITH_PLAN.format(plan=plan.strip()) if plan else REALIZER_SYSTEM
     return [{"role": "system", "content": system}, *history, {"role": "user", "content": question}]
 

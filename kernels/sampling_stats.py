@@ -71,11 +71,10 @@ __all__ = [
 ]
 
 Backend = Literal["triton", "torch"]
-Setting = Literal["auto", "triton", "torch"]
 SETTINGS: tuple[str, ...] = ("auto", "triton", "torch")
 ENV_VAR = "HYBRID_KERNELS"
 
-# -E = log u is clamped to at least this before its log, so u == 1 (never drawn, but a caller may pass it)
+# E = -log u is clamped to at least this before its log, so u == 1 (never drawn, but a caller may pass it)
 # gives a large finite Gumbel value instead of +inf. Kernel and reference clamp alike.
 _TINY = 1e-30
 
@@ -133,7 +132,8 @@ def _uniform_tile(start, row, rng, BLOCK_V: tl.constexpr):
     needs BLOCK_V / 4 calls; the same column always gets the same number (see _uniform_at).
     """
     r0, r1, r2, r3 = _philox_words(start + 4 * tl.arange(0, BLOCK_V // 4), row, rng)
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_V,))
+    # join stacks on a new last axis: (Q, 2, 2)[q, i, j] = (r0, r2 | r1, r3)[j][i], i.e. word 2i + j.
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_V,))
     return tl.uint_to_uniform_float(r)
 
 
@@ -318,7 +318,7 @@ def _token_stats_kernel(
     for e in tl.static_range(N_EXCLUDE):
         k = tl.load(EX + e).to(tl.int32)
         valid = (k >= lo) & (k < hi)
-        lane = (k - lo) % BLOCK_V
+        lane = tl.where(valid, k - lo, 0) % BLOCK_V  # non-negative: % truncates on the GPU
         em, ev2, ed, et, ei1, es, ejs, exs = _stripe_state(
             x_row, u_row, EX, lane, lo, tl.where(valid, hi, lo), row, scale2, rng,  # no loads unless valid
             BLOCK_V, STRIPE, N_EXCLUDE, NOISE, FAST_LOG,
@@ -494,8 +494,11 @@ def token_stats_triton(
 
     At temperature > 0 the noise is `u` when given (compares exactly with the reference), otherwise
     in-kernel Philox keyed by `seed` and counted by (column, row, `offset`): statistically equivalent to
-    the reference's torch.rand noise, not bit-identical. Vary `seed` or `offset` between denoising steps.
+    the reference's torch.rand noise, not bit-identical. Vary `seed` or `offset` between denoising steps;
+    with neither given a seed is drawn from torch's CPU generator. Under CUDA-graph capture the seed and
+    offset are baked into the graph (every replay draws the same noise): pass `u` there instead.
     No host syncs: pass `exclude_ids` as a tensor on the logits' device (a Python list is copied over).
+    `config` overrides the launcher's tile / warps / splits (tuning and tests).
     """
     x2d, u2d, ex, lead = _prepare(logits, temperature, u, exclude_ids)
     n_rows, n_cols = x2d.shape
@@ -541,10 +544,13 @@ def _launch(x2d, u2d, ex, temperature, seed, offset, out: TokenStats, cfg: Kerne
             _run_interpreted(_token_stats_combine_kernel, (n_rows,), *combine_args, **combine_meta)
         return
     with torch.cuda.device(dev):
-        # num_stages=1: the loop keeps its own tiles in flight, in registers.
-        _token_stats_kernel[(n_rows, splits)](*main_args, **main_meta, num_warps=num_warps, num_stages=1)
+        # num_stages=1: the loop keeps its own tiles in flight, in registers. FMA contraction is pinned on:
+        # the instruction budget counts on it (Triton 3.10 turns its default off).
+        _token_stats_kernel[(n_rows, splits)](
+            *main_args, **main_meta, num_warps=num_warps, num_stages=1, enable_fp_fusion=True
+        )
         if splits > 1:
-            _token_stats_combine_kernel[(n_rows,)](*combine_args, **combine_meta, num_warps=1)
+            _token_stats_combine_kernel[(n_rows,)](*combine_args, **combine_meta, num_warps=1, enable_fp_fusion=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -660,15 +666,17 @@ _IMPLS: dict[Backend, Callable[..., TokenStats]] = {
 
 
 @functools.cache
-def _dispatch() -> dict[str, Callable[..., TokenStats]]:
-    """Device type -> implementation, resolved on first use from the environment, then fixed."""
-    return {dt: _IMPLS[select_backend(device_type=dt)] for dt in ("cuda", "cpu")}
+def _dispatch() -> dict[str, tuple[Backend, Callable[..., TokenStats]]]:
+    """Device type -> (backend, implementation), resolved on first use from the environment, then fixed."""
+    return {dt: (name, _IMPLS[name]) for dt in ("cuda", "cpu") for name in [select_backend(device_type=dt)]}
+
+
+_FALLBACK: tuple[Backend, Callable[..., TokenStats]] = ("torch", token_stats_reference)  # other device types
 
 
 def backend_for(device: torch.device | str) -> Backend:
     """The backend `token_stats` uses for tensors on `device` in this process."""
-    impl = _dispatch().get(torch.device(device).type, token_stats_reference)
-    return "triton" if impl is token_stats_triton else "torch"
+    return _dispatch().get(torch.device(device).type, _FALLBACK)[0]
 
 
 def token_stats(
@@ -693,5 +701,5 @@ def token_stats(
     Returns TokenStats with fields shaped logits.shape[:-1]: token int64; prob, entropy, margin float32.
     Ties resolve to the lowest token id.
     """
-    impl = _dispatch().get(logits.device.type, token_stats_reference)
+    impl = _dispatch().get(logits.device.type, _FALLBACK)[1]
     return impl(logits, temperature=temperature, u=u, seed=seed, exclude_ids=exclude_ids)

@@ -360,7 +360,15 @@ def save_adapter(model: DiffusionBackbone, path: str | os.PathLike, *, meta: dic
     c = model.config
     backbone = {
         k: getattr(c, k)
-        for k in ("mask_token_id", "attention", "block_size", "shift", "learned_mask_embedding", "lora_rank", "lora_alpha")
+        for k in (
+            "mask_token_id",
+            "attention",
+            "block_size",
+            "shift",
+            "learned_mask_embedding",
+            "lora_rank",
+            "lora_alpha",
+        )
     }
     backbone["lora_targets"] = list(c.lora_targets)
     path.with_suffix(".json").write_text(json.dumps({"backbone": backbone, **(meta or {})}, indent=2))

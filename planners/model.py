@@ -195,7 +195,9 @@ class Attention(nn.Module):
             cache.k[layer][:, :, start : start + lq] = k  # in place: the cache is the model's scratch space
             cache.v[layer][:, :, start : start + lq] = v
             k, v = cache.k[layer], cache.v[layer]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.c.num_kv_heads != self.c.num_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.c.num_kv_heads != self.c.num_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, lq, -1))
 
 

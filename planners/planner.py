@@ -155,13 +155,15 @@ class Planner:
         return self._run(x, prompt_ids, cfg)
 
     @torch.inference_mode()
-    def redraw(self, previous: PlanResult, positions: Sequence[int], *, config: SamplerConfig | None = None) -> PlanResult:
+    def redraw(
+        self, previous: PlanResult, positions: Sequence[int], *, config: SamplerConfig | None = None
+    ) -> PlanResult:
         """Remask `positions` (relative to the generation span) of a previous plan and denoise them again
         with every other token held fixed."""
         cfg = config or self.sampler
         span = list(previous.span or previous.tokens)
         if len(span) != cfg.gen_length:
-            cfg = dataclasses.replace(cfg, gen_length=len(span), steps=max(1, min(cfg.steps, len(span))))
+            cfg = dataclasses.replace(cfg, gen_length=len(span), steps=max(1, cfg.steps * len(span) // cfg.gen_length))
         mask_id = self.model.config.mask_token_id
         for p in positions:
             if not 0 <= p < len(span):

@@ -96,6 +96,17 @@ class StepRecorder:
             )
         )
 
+    def filled(self, filled: torch.Tensor) -> None:
+        """Early stop: `filled` (B, G) positions were set to EOS by rule after the last recorded step. They join
+        that step's commits with confidence 1.0, so the commits still partition the span and a revise loop
+        ranking by confidence does not spend its budget on the EOS tail."""
+        if not self.steps:
+            return
+        last = self.steps[-1]
+        last["committed"] = last["committed"] | filled
+        last["conf"] = torch.where(filled, 1.0, last["conf"])
+        last["masked_after"] = last["masked_after"] - filled.sum(-1)
+
     def trajectories(
         self, x: torch.Tensor, valid: torch.Tensor, nfe: int, step_seconds: list[float], meta: dict[str, Any]
     ) -> list[Trajectory]:

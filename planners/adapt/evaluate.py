@@ -52,7 +52,7 @@ def masked_accuracy(
         if not len(b.src):
             continue
         h = model.hidden_states(b.input_ids, attention_mask=b.attn, position_ids=b.position_ids)
-        logits = h.reshape(-1, h.shape[-1])[b.src] @ model.output_weight().t()  # (N, V)
+        logits = (h.reshape(-1, h.shape[-1])[b.src] @ model.output_weight().t()).float()  # (N, V)
         logits[:, c.mask_token_id] = float("-inf")
         right += int((logits.argmax(-1) == b.tgt).sum())
         total += len(b.tgt)
@@ -103,13 +103,15 @@ def evaluate(
     *,
     ratios: tuple[float, ...] = RATIOS,
     clean: CleanAttention = "block_causal",
+    with_loss: bool = True,
 ) -> dict[str, float]:
-    """All held-out metrics as a flat dict: acc@<ratio>, acc_mean, next_token_acc, loss."""
+    """Held-out metrics as a flat dict: acc@<ratio>, acc_mean, next_token_acc (, loss)."""
     was_training = model.training
     model.eval()
     out = {f"acc@{r:g}": round(masked_accuracy(model, rows, r, clean=clean), 4) for r in ratios}
     out["acc_mean"] = round(sum(out[f"acc@{r:g}"] for r in ratios) / len(ratios), 4)
     out["next_token_acc"] = round(next_token_accuracy(model, rows), 4)
-    out["loss"] = round(heldout_loss(model, rows, clean=clean), 4)
+    if with_loss:
+        out["loss"] = round(heldout_loss(model, rows, clean=clean), 4)
     model.train(was_training)
     return out

@@ -124,7 +124,7 @@ def make_batch(
         ids[i, p + r : p + 2 * r] = y
         ri = torch.arange(r)
         first = ri % block_size == 0
-        # the logit predicting token r: noisy r-1 inside a block; clean r-1 (or the last prompt position) at a block start
+        # token r is read at noisy r-1 inside a block; at clean r-1 (the last prompt position for r=0) at a block start
         s = torch.where(first, torch.where(ri == 0, p - 1, p + r + ri - 1), p + ri - 1)
         use = first | m
         if fixed_ratio is not None:

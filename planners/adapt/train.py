@@ -54,6 +54,8 @@ class TrainConfig:
     ckpt_seconds: float = 240.0
     seed: int = 0
     threads: int | None = 2
+    bf16: bool = False  # CPU autocast to bfloat16 (adapter and optimiser stay float32): ~1.8x on AVX512-BF16
+    eval_rows: int | None = None  # held-out rows used by the periodic eval (all of them by default)
     progress: bool = True
     meta: dict = field(default_factory=dict)  # merged into the adapter's sidecar JSON
 
@@ -188,8 +190,12 @@ def train(
         f"block {c.block_size}, clean attention {cfg.clean}, ar_weight {cfg.ar_weight}"
     )
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+
     def do_eval(tag: str) -> dict:
-        m = evaluate(model, heldout_rows, clean=cfg.clean)
+        with autocast():
+            m = evaluate(model, heldout_rows[: cfg.eval_rows], clean=cfg.clean, with_loss=False)
         rec = {"step": state["step"], "tokens": state["tokens"], "elapsed": round(state["elapsed"], 1), **m}
         state["history"].append({"eval": rec})
         log(f"[eval {tag}] " + json.dumps(rec))
@@ -206,9 +212,7 @@ def train(
         do_eval("start")
     session_start = time.time() - state["elapsed"]
     last_ckpt = last_eval = time.time()
-    bar = tqdm(
-        total=cfg.max_steps, initial=state["step"], desc="adapt", disable=not cfg.progress, dynamic_ncols=True
-    )
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="adapt", disable=not cfg.progress, dynamic_ncols=True)
     ema = None
     stop = None
     while stop is None:
@@ -243,7 +247,8 @@ def train(
             lr = lr_at(cfg, state["step"], state["elapsed"])
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            loss, st = loss_fn(model, batch, ar_weight=cfg.ar_weight)
+            with autocast():
+                loss, st = loss_fn(model, batch, ar_weight=cfg.ar_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -258,8 +263,14 @@ def train(
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", ep=state["epoch"], tok_s=f"{tok_s:.0f}")
             if state["step"] % 10 == 0:
                 state["history"].append(
-                    {"step": state["step"], "loss_ema": round(ema, 4), **{k: round(v, 4) for k, v in st.items()},
-                     "lr": lr, "grad_norm": round(gnorm, 3), "elapsed": round(time.time() - session_start, 1)}
+                    {
+                        "step": state["step"],
+                        "loss_ema": round(ema, 4),
+                        **{k: round(v, 4) for k, v in st.items()},
+                        "lr": lr,
+                        "grad_norm": round(gnorm, 3),
+                        "elapsed": round(time.time() - session_start, 1),
+                    }
                 )
             due_eval = state["step"] % cfg.eval_every == 0 or (
                 cfg.eval_seconds is not None and time.time() - last_eval >= cfg.eval_seconds
@@ -291,7 +302,9 @@ def train(
             "clean_attention": cfg.clean,
             "ar_weight": cfg.ar_weight,
             "steps": state["step"],
-            "epochs": round(state["epoch"] + state["batch_in_epoch"] / max(len(epoch_batches(train_rows, cfg, 0)), 1), 2),
+            "epochs": round(
+                state["epoch"] + state["batch_in_epoch"] / max(len(epoch_batches(train_rows, cfg, 0)), 1), 2
+            ),
             "tokens_seen": state["tokens"],
             "response_tokens_seen": state["response_tokens"],
             "wall_time_s": round(state["elapsed"], 1),
