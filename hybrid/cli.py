@@ -202,6 +202,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:  # prompt too long for a component, and similar input problems
         raise UserError(str(e)) from None
     state = final
+    if args.html:
+        from hybrid.viewer import write_viewer
+
+        print(f"viewer page: {write_viewer(state, ctx.planner, args.html)}", file=sys.stderr)
     if args.json:
         print(json.dumps(_state_json(state), indent=2, default=str))
         return 0
@@ -245,24 +249,41 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress messages")
     r.add_argument("--db", help="SQLite file that persists the conversation (with --thread-id)")
     r.add_argument("--thread-id", help="conversation id: a later run with the same id continues it")
+    r.add_argument("--html", metavar="FILE", help="also write the trajectory viewer page (self-contained HTML)")
     r.set_defaults(func=cmd_run)
     g = sub.add_parser("graph", help="print the graph's mermaid drawing")
     g.set_defaults(func=cmd_graph)
-    for name, module, help_ in (
-        ("adapt", "planners.adapt.cli", "adapt an AR checkpoint into a diffusion planner (training)"),
-        ("vllm-local", "realizers.local_vllm", "prepare / start / stop a local vLLM (CPU build) realizer server"),
-        ("serve", "hybrid.server", "OpenAI-compatible HTTP server for the hybrid pipeline"),
-        ("compare", "hybrid.compare", "compare diffusion, hybrid and AR modes on a task set"),
-        ("view", "hybrid.viewer", "write the trajectory viewer HTML page for a run"),
+    for name, help_ in (
+        ("adapt", "adapt an AR checkpoint into a diffusion planner (training)"),
+        ("vllm-local", "prepare / start / stop a local vLLM (CPU build) realizer server"),
+        ("serve", "OpenAI-compatible HTTP server for the hybrid pipeline"),
+        ("compare", "compare diffusion, hybrid and AR modes on a task set"),
+        ("view", "write the trajectory viewer HTML page for a run"),
     ):
-        s = sub.add_parser(name, help=help_, add_help=False)
+        s = sub.add_parser(name, help=help_, add_help=False)  # dispatched in main() before parsing
         s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
+        s.set_defaults(func=lambda a, m=DELEGATED[name]: _delegate(m, a.rest))
     return p
+
+
+DELEGATED = {
+    "adapt": "planners.adapt.cli",
+    "vllm-local": "realizers.local_vllm",
+    "serve": "hybrid.server",
+    "compare": "hybrid.compare",
+    "view": "hybrid.viewer",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # argparse.REMAINDER would drop a leading --option
+        try:
+            return _delegate(DELEGATED[argv[0]], argv[1:])
+        except UserError as e:
+            _err(str(e))
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

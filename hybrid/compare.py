@@ -379,6 +379,7 @@ SUMMARY_FIELDS = [
     "checked",
     "accuracy",
     "vote_accuracy",
+    "voted",
     "nfe_plan",
     "nfe_total",
     "plan_ms",
@@ -417,8 +418,9 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "checked": len(checked),
             "accuracy": sum(checked) / len(checked) if checked else None,
             "vote_accuracy": sum(votes) / len(votes) if votes else None,
+            "voted": len(votes),
         }
-        for f in SUMMARY_FIELDS[7:]:
+        for f in SUMMARY_FIELDS[SUMMARY_FIELDS.index("nfe_plan") :]:
             s[f] = _mean([r[f] for r in ok])
         out.append(s)
     return out
@@ -452,8 +454,10 @@ def format_table(summary: Sequence[dict[str, Any]], *, markdown: bool = False) -
         for _, f, fmt in _COLUMNS:
             v = s.get(f)
             cells.append("–" if v is None else fmt.format(v))
-        if s.get("checked") is not None and s.get("accuracy") is not None:
+        if s.get("checked") and s.get("accuracy") is not None:
             cells[2] += f" ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
+        if s.get("voted") and s.get("vote_accuracy") is not None:
+            cells[3] += f" ({round(s['vote_accuracy'] * s['voted'])}/{s['voted']})"
         if s.get("errors"):
             cells[0] += f" ({s['errors']} err)"
         body.append(cells)
@@ -497,13 +501,13 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         by_mode.setdefault(s["mode"], []).append(s)
     ar = (by_mode.get("ar") or [None])[0]
 
-    def lines(ax, field: str, label: str, style: str = "-") -> None:
+    def lines(ax, field: str, label: str, style: str = "-", with_ar: bool = True) -> None:
         for mode in PLANNER_MODES:
             pts = [(s["steps"], s[field]) for s in by_mode.get(mode, []) if s[field] is not None]
             if pts:
                 xs, ys = zip(*sorted(pts), strict=True)
                 ax.plot(xs, ys, style, marker="o", color=colours[mode], label=f"{mode} {label}")
-        if ar is not None and ar.get(field) is not None:
+        if with_ar and ar is not None and ar.get(field) is not None:
             ax.axhline(ar[field], linestyle=style, color=colours["ar"], alpha=0.8, label=f"ar {label}")
 
     paths = []
@@ -511,8 +515,9 @@ def plot(summary: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     lines(axes[0], "total_ms", "total")
     lines(axes[0], "ttft_ms", "TTFT", "--")
     axes[0].set(title="latency vs planner steps", xlabel="planner steps (budget)", ylabel="ms (mean per task)")
-    lines(axes[1], "nfe_plan", "planner NFE")
-    axes[1].set(title="forward passes vs steps", xlabel="planner steps (budget)", ylabel="NFE (mean)")
+    lines(axes[1], "nfe_plan", "planner", with_ar=False)
+    lines(axes[1], "nfe_total", "planner + realizer", "--")
+    axes[1].set(title="forward passes vs steps", xlabel="planner steps (budget)", ylabel="NFE (mean per task)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -617,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="hybrid-compare", help="output directory (default ./hybrid-compare)")
     p.add_argument("--html", action="store_true", help="also write the trajectory viewer page of the first task")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--threads", type=int, help="torch intra-op threads for the planner (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or loading messages")
     return p
 
@@ -639,6 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(e))
     if not tasks:
         return fail("the task file holds no tasks")
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from hybrid.runtime import SetupError, build_context
 
     t_start = time.time()

@@ -330,23 +330,32 @@ class PlanCancelled(RuntimeError):
 
 @dataclass
 class _Job:
+    """One planner call: denoise `x = [prompt | span]`, where span is all masks (plan) or a previous plan with
+    some positions masked again (redraw). Jobs with equal `key` can share a batch."""
+
     kind: str  # "plan" | "redraw"
-    config: Any  # SamplerConfig (None for a redraw with the planner's own)
-    prompt_ids: list[int] | None = None
-    redraw: tuple[Any, list[int]] | None = None
+    config: Any  # SamplerConfig
+    prompt_ids: list[int]
+    span: list[int] | None = None  # redraw: the previous span with the positions to redraw set to the mask id
     handle: _Handle | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.config, len(self.span) if self.span is not None else None)
 
 
 class BatchingPlanner:
     """The `Planner` surface the graph's nodes use (plan, redraw, encode, decode, model, sampler), with every
     model call made by one worker thread, FIFO, concurrent `plan` calls with equal sampler settings batched.
 
-    `plan` blocks its (worker-pool) caller until its batch is done. The worker takes the oldest queued call,
-    waits `window_s` after its arrival for company, and batches it with every later queued `plan` call of the
-    same SamplerConfig (up to `max_batch`); redraws run alone. Tokenizer calls from other threads (TSE scoring
-    decodes) take a lock: fast tokenizers are not safe to share between threads."""
+    `plan` / `redraw` block their (worker-pool) caller until their batch is done. The worker takes the oldest
+    queued call, waits `window_s` after its arrival for company, and batches it with every later queued call of
+    the same kind and SamplerConfig (up to `max_batch`): plans through `sampler.sample`, redraws through
+    `sampler.infill` (prompts + partly masked spans), the same computation `Planner.plan` / `Planner.redraw`
+    do for one row. Tokenizer calls from other threads (TSE scoring decodes) take a lock: fast tokenizers are
+    not safe to share between threads."""
 
     def __init__(self, planner: Any, *, max_batch: int = 16, window_s: float = 0.005, metrics: Metrics | None = None):
         if max_batch < 1:
@@ -400,10 +409,20 @@ class BatchingPlanner:
             cfg = dataclasses.replace(cfg, **overrides)
         ids = self.encode(prompt, system=system)
         self.planner.check_prompt(ids, cfg.gen_length)
-        return self._submit(_Job("plan", cfg, prompt_ids=ids))
+        return self._submit(_Job("plan", cfg, ids))
 
     def redraw(self, previous, positions, *, config=None):
-        return self._submit(_Job("redraw", config, redraw=(previous, list(positions))))
+        """Remask `positions` (relative to the span) of a previous PlanResult and denoise them again."""
+        cfg = config or self.planner.sampler
+        span = list(previous.span or previous.tokens)
+        if len(span) != cfg.gen_length:  # as Planner.redraw: the span sets the length
+            cfg = dataclasses.replace(cfg, gen_length=len(span), steps=max(1, min(cfg.steps, len(span))))
+        mask_id = self.planner.model.config.mask_token_id
+        for p in positions:
+            if not 0 <= p < len(span):
+                raise IndexError(f"remask position {p} outside the generation span of {len(span)}")
+            span[p] = mask_id
+        return self._submit(_Job("redraw", cfg, list(previous.prompt_ids), span=span))
 
     def close(self) -> None:
         with self._cv:
@@ -448,8 +467,7 @@ class BatchingPlanner:
             batch = [live.popleft()]
             rest: collections.deque[_Job] = collections.deque()
             for j in live:
-                same = j.kind == "plan" and batch[0].kind == "plan" and j.config == batch[0].config
-                (batch if same and len(batch) < self.max_batch else rest).append(j)
+                (batch if j.key == batch[0].key and len(batch) < self.max_batch else rest).append(j)
             self._jobs = rest
             return batch
 
@@ -473,27 +491,22 @@ class BatchingPlanner:
     def _run(self, batch: list[_Job]) -> list[Any]:
         import torch
 
+        from planners.planner import PlanResult
+        from planners.sampler import infill, sample
+        from planners.strategies import COUNTED_COMMITS
+
         m = self.metrics
         m.plan_batches += 1
         m.plan_rows += len(batch)
         m.plan_max_batch = max(m.plan_max_batch, len(batch))
         started = time.monotonic()
-        with torch.inference_mode():
-            if batch[0].kind == "redraw":
-                previous, positions = batch[0].redraw
-                with self._tok:  # Planner.redraw decodes with the shared tokenizer
-                    r = self.planner.redraw(previous, positions, config=batch[0].config)
-                r.stats.update(batch_size=1, queue_ms=(started - batch[0].enqueued) * 1000)
-                return [r]
-            return self._plan_batch(batch, started)
-
-    def _plan_batch(self, batch: list[_Job], started: float) -> list[Any]:
-        from planners.planner import PlanResult
-        from planners.sampler import sample
-        from planners.strategies import COUNTED_COMMITS
-
         cfg = batch[0].config
-        out = sample(self.planner.model, [j.prompt_ids for j in batch], cfg)
+        prompts = [j.prompt_ids for j in batch]
+        with torch.inference_mode():
+            if batch[0].kind == "plan":
+                out = sample(self.planner.model, prompts, cfg)
+            else:
+                out = infill(self.planner.model, [j.span for j in batch], cfg, prompts=prompts)
         per_pass = 2 if cfg.cfg_scale > 0 else 1
         results = []
         for i, j in enumerate(batch):

@@ -95,3 +95,10 @@ def test_graph_prints_mermaid(capsys, cmd):
     for node in ("plan", "score", "revise", "realize"):
         assert node in out
     assert out.lstrip().startswith(("graph", "---", "%%"))
+
+
+def test_delegated_subcommands_keep_leading_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--help"])
+    assert e.value.code == 0
+    assert "--limit" in capsys.readouterr().out

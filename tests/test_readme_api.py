@@ -38,3 +38,23 @@ def test_readme_example_runs(tiny_planner, smol_realizer, capsys):
     graph = ns["my_graph"]
     final = asyncio.run(graph.ainvoke({"question": "Name a fruit."}, context=ns["ctx"]))
     assert final["answer"] and final["plan"] is not None
+
+
+def test_custom_graph_example_routes(tiny_planner, smol_realizer):
+    import importlib.util
+
+    from hybrid import HybridConfig, HybridContext
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_graph.py"
+    spec = importlib.util.spec_from_file_location("custom_graph_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = HybridConfig.load(
+        **{"planner.steps": 16, "planner.gen_length": 16, "realizer.max_tokens": 6, "score.tse_threshold": 1e9}
+    )
+    ctx = HybridContext(config=cfg, planner=tiny_planner, realizer=smol_realizer)
+    graph = mod.build()
+    planned = asyncio.run(graph.ainvoke({"question": "How do I boil an egg?"}, context=ctx))
+    direct = asyncio.run(graph.ainvoke({"question": "Capital of France?"}, context=ctx))
+    assert planned["trajectory"] is not None and planned["answer"]
+    assert direct["trajectory"] is None and direct["plan"] is None and direct["answer"]

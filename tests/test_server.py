@@ -113,6 +113,7 @@ def content_of(events: list) -> str:
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, payload: dict) -> list:
+    payload = {**payload, "stream": True}
     async with client.stream("POST", f"{url}/v1/chat/completions", json=payload, headers=HEADERS) as r:
         assert r.status_code == 200, await r.aread()
         return parse_sse((await r.aread()).decode())
@@ -250,12 +251,19 @@ def test_batched_plans_equal_solo_plans(tiny_planner):
     try:
         with ThreadPoolExecutor(len(questions)) as pool:
             batched = list(pool.map(lambda q: batcher.plan(prompts.plan_messages(q)), questions))
+        assert metrics.plan_max_batch == len(questions)  # one batch
+        # the revise loop's redraw: a few positions of each plan remasked and denoised again, batched too
+        positions = [[0, 3], [5, 6, 7, 8], [15]]
+        solo_redraws = [tiny_planner.redraw(r, p) for r, p in zip(solo, positions, strict=True)]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            batched_redraws = list(pool.map(lambda a: batcher.redraw(*a), zip(batched, positions, strict=True)))
+        assert metrics.plan_batches == 2
     finally:
         batcher.close()
-    assert metrics.plan_max_batch == len(questions)  # one batch
-    for a, b in zip(solo, batched, strict=True):
+    for a, b in zip(solo + solo_redraws, batched + batched_redraws, strict=True):
         assert (a.text, a.tokens, a.span) == (b.text, b.tokens, b.span)
         assert [s.x0_hat for s in a.trajectory.steps] == [s.x0_hat for s in b.trajectory.steps]
+        assert [s.committed for s in a.trajectory.steps] == [s.committed for s in b.trajectory.steps]
         assert a.stats["nfe"] == b.stats["nfe"] and b.stats["batch_size"] == len(questions)
 
 
@@ -291,7 +299,8 @@ def test_client_disconnect_cancels_its_run(served):
     before = served.metrics()["cancelled"]
     payload = body(LONG_QUESTION, max_tokens=400)
     with httpx.Client(timeout=60) as client:
-        with client.stream("POST", f"{served.url}/v1/chat/completions", json=payload, headers=HEADERS) as r:
+        streamed = {**payload, "stream": True}
+        with client.stream("POST", f"{served.url}/v1/chat/completions", json=streamed, headers=HEADERS) as r:
             for line in r.iter_lines():  # leave as soon as the answer starts
                 if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                     break
@@ -322,7 +331,7 @@ class Upstream:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRID_")}
         env["PYTHONPATH"] = str(REPO)
-        cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--mode", "ar", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "hybrid.server", "--mode", "ar", "--port", str(self.port)]
         self.proc = launch(cmd + ["--log-level", "warning"], env=env, log_path=self.log)
         wait_ready(self.url, timeout_s=120, proc=self.proc, log_path=self.log)
 
@@ -351,6 +360,7 @@ def test_realizer_server_killed_mid_run(tiny_planner, smol_realizer, tmp_path):
                 async with httpx.AsyncClient(timeout=60) as client:
 
                     async def one(p):
+                        p = {**p, "stream": True}
                         events, fired = [], False
                         async with client.stream("POST", f"{url}/v1/chat/completions", json=p, headers=HEADERS) as r:
                             assert r.status_code == 200
