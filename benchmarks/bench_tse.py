@@ -197,25 +197,34 @@ def tiny_planner(gen_length: int):
     return Planner(m.eval(), tok, cfg, name="tiny-random")
 
 
-def _pt_to_safetensors(pt: Path, tmp: Path) -> Path:
-    """A training checkpoint (`best_adapter.pt`: a bare adapter state dict) as safetensors + sidecar, with the
-    backbone settings `python -m planners.adapt` trains with (block-causal 8, mask id 16, alpha = rank)."""
+def _pt_to_safetensors(pt: Path, tmp: Path) -> tuple[Path, str]:
+    """A training file of `python -m planners.adapt` as safetensors + sidecar, with the backbone settings it trains
+    with (block-causal 8, mask id 16, alpha = rank): `best_adapter.pt` (a bare adapter state dict) or
+    `checkpoint.pt` (the resumable state: {"adapter", "optimizer", "state", "rng"}). Returns (path, note)."""
     import torch
     from safetensors.torch import save_file
 
     from planners.adapt.cli import LORA_TARGETS
 
-    sd = torch.load(pt, map_location="cpu")
-    ranks = {int(v.shape[0]) for k, v in sd.items() if k.endswith("lora_a")}
+    try:
+        obj = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception:  # checkpoint.pt keeps Python RNG state: our own training file, trusted
+        obj = torch.load(pt, map_location="cpu", weights_only=False)
+    note = ""
+    if isinstance(obj, dict) and "adapter" in obj:
+        st = obj.get("state", {})
+        note = f" (training step {st.get('step')}, {st.get('elapsed', 0) / 60:.1f} min trained)"
+        obj = obj["adapter"]
+    ranks = {int(v.shape[0]) for k, v in obj.items() if k.endswith("lora_a")}
     if len(ranks) != 1:
         raise ValueError(f"{pt}: cannot infer one LoRA rank (found {sorted(ranks)})")
     r = ranks.pop()
     dst = tmp / (pt.stem + ".safetensors")
-    save_file({k: v.float().contiguous() for k, v in sd.items()}, str(dst))
+    save_file({k: v.float().contiguous() for k, v in obj.items()}, str(dst))
     backbone = {"mask_token_id": 16, "attention": "block_causal", "block_size": 8, "learned_mask_embedding": True,
                 "lora_rank": r, "lora_alpha": float(r), "lora_targets": list(LORA_TARGETS)}  # fmt: skip
     dst.with_suffix(".json").write_text(json.dumps({"backbone": backbone, "converted_from": str(pt)}))
-    return dst
+    return dst, note
 
 
 def load_planner(adapter: str | None, no_adapter: bool):
@@ -233,7 +242,8 @@ def load_planner(adapter: str | None, no_adapter: bool):
         raise SystemExit(f"adapter not found: {path} (train one, pass --adapter PATH, or use --no-adapter)")
     if path.suffix == ".pt":
         tmp = Path(tempfile.mkdtemp(prefix="bench_tse-"))
-        return Planner.load(None, adapter=_pt_to_safetensors(path, tmp)), f"checkpoint {path}"
+        st, note = _pt_to_safetensors(path, tmp)
+        return Planner.load(None, adapter=st), f"training checkpoint {path}{note}"
     return Planner.load(None, adapter=path), f"adapter {path}"
 
 
@@ -355,7 +365,11 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=5.0)
     p.add_argument("--suffix", default="", help="text appended to every question (default: none)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--adapter", default=None, help="adapter .safetensors or training .pt (default: the shipped one)")
+    g.add_argument(
+        "--adapter",
+        default=None,
+        help="adapter .safetensors, or a training best_adapter.pt / checkpoint.pt (default: the shipped one)",
+    )
     g.add_argument("--no-adapter", action="store_true", help="the untrained base model as planner")
     g.add_argument("--smoke", action="store_true", help="tiny random model, 4 problems x 2 seeds (a quick check)")
     p.add_argument("--threads", type=int, default=1)

@@ -609,7 +609,7 @@ class _Run:
         except asyncio.CancelledError:
             self.queue.put_nowait(("cancelled", None))
             raise
-        except BaseException as e:  # noqa: BLE001 - reported to the client
+        except Exception as e:  # noqa: BLE001 - reported to the client
             self.queue.put_nowait(("error", e))
         else:
             self.queue.put_nowait(("end", None))
@@ -665,10 +665,12 @@ def _plan_info(state: dict[str, Any], ev: dict[str, Any], wall_ms: float) -> dic
 def _done_info(state: dict[str, Any], server: dict[str, float]) -> dict[str, Any]:
     t = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in state.get("timings", {}).items()}
     t.pop("started_at", None)
+    best = state.get("best")
+    tse = best["tse"] if best is not None and not state.get("accepted") else state.get("tse")  # the draft handed on
     return {
         "event": "done",
         "mode": state.get("mode"),
-        "tse": state.get("tse"),
+        "tse": tse,
         "revisions": state.get("revisions", 0),
         "accepted": state.get("accepted"),
         "warnings": state.get("warnings", []),
@@ -1037,6 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-messages", type=int, default=128)
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is abandoned")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's own)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -1065,6 +1068,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     say = _progress(False)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     try:
         cfg = config_from_args(args)
         modes = _load_modes(args.load_modes, cfg.mode)

@@ -67,7 +67,7 @@ def smollm2_hf_dir(progress: bool = False) -> Path:
     gguf = smollm2_gguf_path()
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as hf_logging
 
     if not progress:
@@ -75,7 +75,13 @@ def smollm2_hf_dir(progress: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # dequantize=True explicitly: transformers 5.24 otherwise tries to keep GGUF weights quantized
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
+            dtype=torch.float32,
+        )
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # the GGUF-quantised model refuses save_pretrained: write config + plain tensors ourselves
         config = model.config.to_dict()

@@ -260,9 +260,14 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Dequantise a Llama-family GGUF through transformers (weights arrive as float32)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent),
+        gguf_file=gguf_file.name,
+        quantization_config=GgufConfig(gguf_file=str(gguf_file), dequantize=True),
+        dtype=torch.float32,
+    )
     hf = model.config.to_dict()
     state = {k: v for k, v in model.state_dict().items()}
     return hf, state

@@ -5,7 +5,7 @@ for a machine without a GPU, and what the realizer tests talk to.
     python -m realizers.local_vllm start     # starts the server in the background, waits until it answers
     python -m realizers.local_vllm stop
 
-Everything lives in one directory (default `.cache/vllm-venv` in the repository, or env `HYBRID_VLLM_VENV`,
+Everything lives in one directory (default `~/.cache/hybrid/vllm-venv`, or env `HYBRID_VLLM_VENV`,
 or `--dir`): the venv itself, `model-smollm2-bf16/`, `cache/` (VLLM_CACHE_ROOT), `server.log`, `server.pid`.
 `prepare` is idempotent: a prepared venv and model directory are reused.
 
@@ -41,13 +41,16 @@ DEFAULT_PORT = 8011
 
 
 def default_dir() -> Path:
-    """`HYBRID_VLLM_VENV`, else `.cache/vllm-venv` in the repository (a checkout), else under the current directory."""
+    """`HYBRID_VLLM_VENV`, else `vllm-venv` in hybrid's cache directory (`$HYBRID_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/hybrid`, else `~/.cache/hybrid`): shared by every checkout on the machine."""
     env = os.environ.get("HYBRID_VLLM_VENV")
     if env:
         return Path(env).expanduser().resolve()
-    repo = Path(__file__).resolve().parents[1]
-    base = repo if (repo / "pyproject.toml").exists() else Path.cwd()
-    return base / ".cache" / "vllm-venv"
+    root = os.environ.get("HYBRID_CACHE_DIR")
+    if root:
+        return Path(root).expanduser().resolve() / "vllm-venv"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "hybrid" / "vllm-venv"
 
 
 @dataclass

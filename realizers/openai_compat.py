@@ -54,7 +54,7 @@ class OpenAIRealizer:
         base_url: str,
         model: str | None = None,
         *,
-        api_key: str = "EMPTY",  # placeholder: the client requires one, local servers ignore it
+        api_key: str | None = "EMPTY",  # None -> the placeholder: the client requires a key, local servers ignore it
         timeout_s: float = 60.0,
         connect_timeout_s: float = 5.0,
         max_retries: int = 1,
@@ -70,7 +70,7 @@ class OpenAIRealizer:
         self.connect_timeout_s = connect_timeout_s
         self._client = client or openai.AsyncOpenAI(
             base_url=self.base_url,
-            api_key=api_key,
+            api_key=api_key or "EMPTY",
             timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
             max_retries=max_retries,
         )

@@ -127,9 +127,33 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 
 
 # ============================================================================================ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The planner worker shares 2 cores with the realizer's decode thread (and other jobs): 1 intra-op
+    thread is ~1.5x faster here than 2. Restored for the modules that follow."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def served(tiny_planner, smol_realizer):
-    app = create_app(make_ctx(tiny_planner, smol_realizer), api_key=KEY, limits=Limits(max_body_bytes=64_000))
+def planner(tiny_planner):
+    """The tiny planner with a prefix KV cache (the shared fixture's sampler is left as it is)."""
+    import dataclasses
+
+    from planners.planner import Planner
+
+    cfg = dataclasses.replace(tiny_planner.sampler, cache="prefix")
+    return Planner(tiny_planner.model, tiny_planner.tokenizer, cfg, name="tiny-prefix")
+
+
+@pytest.fixture(scope="module")
+def served(planner, smol_realizer):
+    ctx = make_ctx(planner, smol_realizer)
+    app = create_app(ctx, api_key=KEY, limits=Limits(max_body_bytes=64_000), max_batch=32)
     with ThreadServer(app) as srv:
         yield srv
 
@@ -340,7 +364,7 @@ class Upstream:
         self.proc.wait(timeout=10)
 
 
-def test_realizer_server_killed_mid_run(tiny_planner, smol_realizer, tmp_path):
+def test_realizer_server_killed_mid_run(planner, smol_realizer, tmp_path):
     from realizers.openai_compat import OpenAIRealizer
 
     up = Upstream(free_port(), tmp_path / "upstream.log")
@@ -350,7 +374,7 @@ def test_realizer_server_killed_mid_run(tiny_planner, smol_realizer, tmp_path):
         return OpenAIRealizer(up.url, None, timeout_s=30, connect_timeout_s=2, max_retries=0)
 
     over = {"realizer.kind": "openai", "realizer.base_url": up.url}
-    app_b = create_app(make_ctx(tiny_planner, remote(), **over), api_key=KEY)  # no fallback
+    app_b = create_app(make_ctx(planner, remote(), **over), api_key=KEY)  # no fallback
     ar_ctx = HybridContext(config=make_ctx(None, None, mode="ar", **over).config, realizer=remote())
     app_c = create_app(ar_ctx, api_key=KEY, fallback=smol_realizer, fallback_retry_s=1.0)
     try:
@@ -393,12 +417,14 @@ def test_realizer_server_killed_mid_run(tiny_planner, smol_realizer, tmp_path):
                 errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
                 assert len(errors) == 1 and events[-1] == "[DONE]", events[-3:]
                 assert errors[0]["type"] == "server_error" and "realizer" in errors[0]["message"]
+                print("\nmid-run error event:", errors[0])
             assert b.healthy() and c.healthy()
 
             # while it is down: a clear error without fallback; the fallback answers where one is configured
             (down,) = asyncio.run(streams(b.url, [body()]))
             err = next(e["error"] for e in down if isinstance(e, dict) and "error" in e)
             assert err["code"] == "realizer_unavailable" and "cannot connect" in err["message"]
+            print("while down:", err)
             r = httpx.post(f"{c.url}/v1/chat/completions", json=body(), headers=HEADERS, timeout=60)
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
             assert c.metrics()["fallbacks"] == 1
