@@ -145,9 +145,9 @@ def report(args: argparse.Namespace, marks: dict[str, float], plan_info: dict, d
             print(f"{name:7s} {marks[name]:7.0f} ms{verdict}")
     t = done_info.get("timings", {})
     if t:
+        planned = f"plan {t['plan_ms']:.0f} ms + score {t.get('score_ms', 0):.0f} ms -> " if "plan_ms" in t else ""
         print(
-            f"server  plan {t.get('plan_ms', 0):.0f} ms + score {t.get('score_ms', 0):.0f} ms -> "
-            f"TTFT {t.get('ttft_ms', 0):.0f} ms; {t.get('tokens_per_s', 0):.1f} tok/s; "
+            f"server  {planned}TTFT {t.get('ttft_ms', 0):.0f} ms; {t.get('tokens_per_s', 0):.1f} tok/s; "
             f"total {t.get('total_ms', 0):.0f} ms"
         )
 

@@ -181,7 +181,7 @@ def _env_layer() -> dict[str, Any]:
     for key, value in os.environ.items():
         if (
             not key.startswith("HYBRID_")
-            or key in ("HYBRID_CACHE_DIR", "HYBRID_KERNELS")
+            or key in ("HYBRID_CACHE_DIR", "HYBRID_KERNELS", "HYBRID_API_KEY")  # not config fields
             or key.startswith(("HYBRID_VLLM", "HYBRID_REQUIRE", "HYBRID_TEST"))
         ):
             continue

@@ -14,17 +14,19 @@ plan time, then `delta.content` tokens, so a voice client speaks only `content`.
 final usage chunk (`stream_options.include_usage`); timings ride on the finish chunk's `hybrid` object.
 A failure after the stream started is one SSE `data: {"error": {...}}` event, then `data: [DONE]` (the
 openai client raises it as `APIError`); before that, every error is an OpenAI-style body with a 4xx/5xx.
+Parsing, validation, error bodies and the `hybrid` chunk objects live in `hybrid.openai_protocol`.
 
 Concurrency. The planner is not thread-safe and is the expensive step, so planner calls go through one
-worker thread (`BatchingPlanner`): calls whose sampler settings match are denoised together in one batch
-(`planners.sampler.sample` decodes different-length prompts, left-padded, in one loop), oldest first, up to
-`max_batch`; a request whose client left is dropped from the queue. Batched rows get the trajectory and NFE a
-solo run would have had (idle steps of rows that finished early are removed), so TSE does not depend on who
-shared the batch. Realizers stream on the event loop (the embedded one decodes in its own thread). A client
-that disconnects cancels its graph run: the realizer's stream is closed (the embedded model stops within a
-token; an OpenAI-compatible upstream sees the HTTP stream close, which makes vLLM abort the request).
-With `fallback`, a realizer failure before the first token sends the request to the fallback realizer (and
-keeps the primary off for `fallback_retry_s`); a failure after tokens went out is reported in the stream.
+worker thread (`planners.batching.BatchingPlanner`): calls whose sampler settings match are denoised together
+in one batch (`planners.sampler.sample` decodes different-length prompts, left-padded, in one loop), oldest
+first, up to `max_batch`; a request whose client left is dropped from the queue. Batched rows get the
+trajectory and NFE a solo run would have had (idle steps of rows that finished early are removed), so TSE does
+not depend on who shared the batch. Realizers stream on the event loop (the embedded one decodes in its own
+thread). A client that disconnects cancels its graph run: the realizer's stream is closed (the embedded model
+stops within a token; an OpenAI-compatible upstream sees the HTTP stream close, which makes vLLM abort the
+request). With `fallback` (`realizers.fallback.FallbackRealizer`), a realizer failure before the first token
+sends the request to the fallback realizer (and keeps the primary off for `fallback_retry_s`); a failure after
+tokens went out is reported in the stream.
 
 What it does not know: how plans are drafted or scored, or which model realizes — that is the graph and
 the context it is given (`create_app(ctx)`; `main` builds one with `hybrid.runtime.build_context`).
@@ -34,19 +36,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import concurrent.futures
-import contextvars
 import dataclasses
 import hmac
-import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,228 +52,31 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybrid.config import MODES, HybridConfig
-from hybrid.state import HybridContext
-from realizers.base import (
-    RealizerError,
-    RealizerHTTPError,
-    RealizerTimeout,
-    RealizerUnavailable,
-    SamplingParams,
-    StreamEvent,
-    TextDelta,
+# Limits and BatchingPlanner are also this module's public names: tests import them from hybrid.server
+from hybrid.config import MODES
+from hybrid.openai_protocol import (
+    ApiError,
+    Limits,
+    Turn,
+    _bad,
+    _done_info,
+    _finish_reason,
+    _plan_info,
+    _sse,
+    _usage,
+    parse_body,
+    run_error,
+    validate_request,
 )
+from hybrid.state import HybridContext
+from planners.batching import _REQUEST, BatchingPlanner, _Handle
+from realizers.fallback import FallbackRealizer
 
 log = logging.getLogger("hybrid.server")
 
 DEFAULT_MODEL_NAME = "hybrid"
-ROLES = ("system", "developer", "user", "assistant")
-
-
-# ============================================================================================ errors
-class ApiError(Exception):
-    """An error with an OpenAI-style body: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code=None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def run_error(e: BaseException) -> ApiError:
-    """What a failed graph run tells the client (the status is used by non-streamed responses)."""
-    if isinstance(e, RealizerUnavailable):
-        return ApiError(503, f"realizer unavailable: {e}", type="server_error", code="realizer_unavailable")
-    if isinstance(e, RealizerTimeout):
-        return ApiError(504, f"realizer timed out: {e}", type="server_error", code="realizer_timeout")
-    if isinstance(e, RealizerHTTPError):
-        return ApiError(502, f"realizer error: {e}", type="server_error", code="realizer_http_error")
-    if isinstance(e, RealizerError):
-        return ApiError(502, f"realizer failed: {e}", type="server_error", code="realizer_error")
-    if isinstance(e, TimeoutError):
-        return ApiError(504, "the request exceeded the server's time limit", type="server_error", code="timeout")
-    if isinstance(e, ValueError):  # a prompt too long for a component, and similar input problems
-        return ApiError(400, str(e), code="context_length_exceeded" if "context" in str(e) else "invalid_value")
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
-
-
-# ============================================================================================ requests
-@dataclass(frozen=True)
-class Limits:
-    """Request limits; anything beyond them is a 4xx before any model work."""
-
-    max_body_bytes: int = 1 << 20
-    max_messages: int = 128
-    max_content_chars: int = 8000  # per message (the last user message is also the graph's question)
-    max_total_chars: int = 64000  # all messages together
-    max_tokens: int = 4096  # ceiling on a request's max_tokens (and the realizer's context, when it has one)
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat request this server reads (others are accepted and ignored, except those
-    `validate_request` refuses because honouring them silently would be wrong: n > 1, tools, stop, logprobs)."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    messages: list[_Message]
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    hybrid_mode: str | None = None
-
-
-@dataclass
-class Turn:
-    """A validated request, in the graph's terms."""
-
-    question: str
-    history: list[dict[str, str]]
-    mode: str
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stream: bool
-    include_usage: bool
-
-
-def parse_body(raw: bytes) -> ChatRequest:
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise _bad("the request body must be a JSON object", code="invalid_json")
-    try:
-        return ChatRequest.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        code = "missing_required_parameter" if err["type"] == "missing" else "invalid_type"
-        raise _bad(f"{loc}: {err['msg']}", param=loc, code=code) from None
-
-
-def _text(m: _Message, i: int) -> str:
-    c = m.content
-    if c is None:
-        raise _bad(f"messages[{i}].content is required", param=f"messages.{i}.content")
-    if isinstance(c, str):
-        return c
-    parts = []
-    for j, part in enumerate(c):
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise _bad(
-                f"messages[{i}].content[{j}]: only text parts are supported (got type {part.get('type')!r})",
-                param=f"messages.{i}.content",
-            )
-        parts.append(part["text"])
-    return "".join(parts)
-
-
-def validate_request(
-    req: ChatRequest, *, limits: Limits, config: HybridConfig, modes: Sequence[str], model_names: Sequence[str]
-) -> Turn:
-    """Check fields and limits; map OpenAI messages onto the graph's input (last user message = question,
-    earlier turns, system ones included, = history). Raises ApiError (4xx) naming the parameter."""
-    if req.model is not None and req.model not in model_names:
-        raise ApiError(
-            404,
-            f"the model {req.model!r} does not exist; this server serves {', '.join(model_names)}",
-            type="not_found_error",
-            param="model",
-            code="model_not_found",
-        )
-    if not req.messages:
-        raise _bad("messages must be a non-empty list", param="messages")
-    if len(req.messages) > limits.max_messages:
-        raise _bad(f"{len(req.messages)} messages; the limit is {limits.max_messages}", param="messages")
-    turns, total = [], 0
-    for i, m in enumerate(req.messages):
-        if m.role not in ROLES:
-            raise _bad(
-                f"messages[{i}].role={m.role!r} is not supported; use one of {', '.join(ROLES)}",
-                param=f"messages.{i}.role",
-            )
-        text = _text(m, i)
-        if len(text) > limits.max_content_chars:
-            raise _bad(
-                f"messages[{i}].content is {len(text)} characters; the limit is {limits.max_content_chars}",
-                param=f"messages.{i}.content",
-                code="string_above_max_length",
-            )
-        total += len(text)
-        turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-    if total > limits.max_total_chars:
-        raise _bad(f"the messages hold {total} characters; the limit is {limits.max_total_chars}", param="messages")
-    if turns[-1]["role"] != "user":
-        raise _bad("the last message must have role 'user'", param="messages")
-    question = turns[-1]["content"].strip()
-    if not question:
-        raise _bad("the last user message is empty", param="messages")
-    if req.n not in (None, 1):
-        raise _bad("n must be 1 (one choice per request)", param="n", code="unsupported_parameter")
-    if req.tools:
-        raise _bad("tools are not supported by this server", param="tools", code="unsupported_parameter")
-    if req.stop:
-        raise _bad("stop sequences are not supported by this server", param="stop", code="unsupported_parameter")
-    if req.logprobs:
-        raise _bad("logprobs are not supported by this server", param="logprobs", code="unsupported_parameter")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _bad(
-            "only response_format type 'text' is supported", param="response_format", code="unsupported_parameter"
-        )
-    mode = req.hybrid_mode or config.mode
-    if mode not in MODES:
-        raise _bad(f"hybrid_mode={mode!r} is not valid; choose one of {', '.join(MODES)}", param="hybrid_mode")
-    if mode not in modes:
-        raise _bad(
-            f"hybrid_mode={mode!r} is not loaded on this server (loaded: {', '.join(modes)}); "
-            "start it with --load-modes to add it",
-            param="hybrid_mode",
-        )
-    max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-    param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens = min(config.realizer.max_tokens, limits.max_tokens)
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise _bad(f"{param}={max_tokens} is out of range; it must be between 1 and {limits.max_tokens}", param=param)
-    temperature = config.realizer.temperature if req.temperature is None else req.temperature
-    if not 0.0 <= temperature <= 2.0:
-        raise _bad(f"temperature={temperature} is out of range [0, 2]", param="temperature")
-    top_p = config.realizer.top_p if req.top_p is None else req.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise _bad(f"top_p={top_p} is out of range (0, 1]", param="top_p")
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Turn(question, turns[:-1], mode, max_tokens, temperature, top_p, req.stream, include_usage)
 
 
 def turn_context(base: HybridContext, turn: Turn) -> HybridContext:
@@ -291,6 +92,9 @@ def turn_context(base: HybridContext, turn: Turn) -> HybridContext:
 # ============================================================================================ metrics
 @dataclass
 class Metrics:
+    """The server's counters (`GET /metrics`); it is also the `metrics` object of the `BatchingPlanner`
+    (`planners.batching.BatchStats` fields) and the `FallbackRealizer` (`fallbacks`)."""
+
     started_at: float = field(default_factory=time.time)
     requests: int = 0
     rejected: int = 0  # answered 4xx before any model work
@@ -309,278 +113,6 @@ class Metrics:
         d["uptime_s"] = round(time.time() - d.pop("started_at"), 1)
         d["plan_mean_batch"] = round(self.plan_rows / self.plan_batches, 2) if self.plan_batches else 0.0
         return d
-
-
-# ============================================================================================ planner queue
-@dataclass
-class _Handle:
-    """One request, as seen from worker threads (the graph's nodes call the planner through `to_thread`, which
-    copies this context variable)."""
-
-    rid: str
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-_REQUEST: contextvars.ContextVar[_Handle | None] = contextvars.ContextVar("hybrid_server_request", default=None)
-
-
-class PlanCancelled(RuntimeError):
-    """The request that queued this planner call was cancelled before the call ran."""
-
-
-@dataclass
-class _Job:
-    """One planner call: denoise `x = [prompt | span]`, where span is all masks (plan) or a previous plan with
-    some positions masked again (redraw). Jobs with equal `key` can share a batch."""
-
-    kind: str  # "plan" | "redraw"
-    config: Any  # SamplerConfig
-    prompt_ids: list[int]
-    span: list[int] | None = None  # redraw: the previous span with the positions to redraw set to the mask id
-    handle: _Handle | None = None
-    enqueued: float = field(default_factory=time.monotonic)
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-    @property
-    def key(self) -> tuple:
-        return (self.kind, self.config, len(self.span) if self.span is not None else None)
-
-
-class BatchingPlanner:
-    """The `Planner` surface the graph's nodes use (plan, redraw, encode, decode, model, sampler), with every
-    model call made by one worker thread, FIFO, concurrent `plan` calls with equal sampler settings batched.
-
-    `plan` / `redraw` block their (worker-pool) caller until their batch is done. The worker takes the oldest
-    queued call, waits `window_s` after its arrival for company, and batches it with every later queued call of
-    the same kind and SamplerConfig (up to `max_batch`): plans through `sampler.sample`, redraws through
-    `sampler.infill` (prompts + partly masked spans), the same computation `Planner.plan` / `Planner.redraw`
-    do for one row. Tokenizer calls from other threads (TSE scoring decodes) take a lock: fast tokenizers are
-    not safe to share between threads."""
-
-    def __init__(self, planner: Any, *, max_batch: int = 16, window_s: float = 0.005, metrics: Metrics | None = None):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.planner = planner
-        self.max_batch, self.window_s = max_batch, window_s
-        self.metrics = metrics or Metrics()
-        self._tok = threading.RLock()
-        self._cv = threading.Condition()
-        self._jobs: collections.deque[_Job] = collections.deque()
-        self._closed = False
-        self._thread = threading.Thread(target=self._worker, name="planner-batcher", daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------------ the Planner surface
-    @property
-    def model(self):
-        return self.planner.model
-
-    @property
-    def sampler(self):
-        return self.planner.sampler
-
-    @property
-    def tokenizer(self):
-        return self.planner.tokenizer
-
-    @property
-    def name(self) -> str:
-        return self.planner.name
-
-    @property
-    def context_length(self) -> int:
-        return self.planner.context_length
-
-    @property
-    def queued(self) -> int:
-        return len(self._jobs)
-
-    def encode(self, prompt, *, system: str | None = None) -> list[int]:
-        with self._tok:
-            return self.planner.encode(prompt, system=system)
-
-    def decode(self, ids) -> str:
-        with self._tok:
-            return self.planner.decode(ids)
-
-    def plan(self, prompt, *, system: str | None = None, config=None, **overrides):
-        cfg = config or self.planner.sampler
-        if overrides:
-            cfg = dataclasses.replace(cfg, **overrides)
-        ids = self.encode(prompt, system=system)
-        self.planner.check_prompt(ids, cfg.gen_length)
-        return self._submit(_Job("plan", cfg, ids))
-
-    def redraw(self, previous, positions, *, config=None):
-        """Remask `positions` (relative to the span) of a previous PlanResult and denoise them again."""
-        cfg = config or self.planner.sampler
-        span = list(previous.span or previous.tokens)
-        if len(span) != cfg.gen_length:  # as Planner.redraw: the span sets the length
-            cfg = dataclasses.replace(cfg, gen_length=len(span), steps=max(1, min(cfg.steps, len(span))))
-        mask_id = self.planner.model.config.mask_token_id
-        for p in positions:
-            if not 0 <= p < len(span):
-                raise IndexError(f"remask position {p} outside the generation span of {len(span)}")
-            span[p] = mask_id
-        return self._submit(_Job("redraw", cfg, list(previous.prompt_ids), span=span))
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            pending, self._jobs = list(self._jobs), collections.deque()
-            self._cv.notify_all()
-        for j in pending:
-            j.future.set_exception(RuntimeError("the planner queue was closed (server shutting down)"))
-        self._thread.join(timeout=30)
-
-    # ------------------------------------------------------------------ queue
-    def _submit(self, job: _Job):
-        job.handle = _REQUEST.get()
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the planner queue is closed (server shutting down)")
-            self._jobs.append(job)
-            self._cv.notify()
-        return job.future.result()
-
-    def _take(self) -> list[_Job] | None:
-        with self._cv:
-            while not self._jobs and not self._closed:
-                self._cv.wait()
-            if self._closed:
-                return None
-            first = self._jobs[0]
-        wait = first.enqueued + self.window_s - time.monotonic()
-        if wait > 0 and self.max_batch > 1:
-            time.sleep(wait)  # let a burst of requests arrive together
-        with self._cv:
-            live: collections.deque[_Job] = collections.deque()
-            for j in self._jobs:
-                if j.handle is not None and j.handle.cancelled.is_set():
-                    j.future.set_exception(PlanCancelled(f"request {j.handle.rid} was cancelled"))
-                    self.metrics.plans_skipped += 1
-                else:
-                    live.append(j)
-            if not live:
-                self._jobs = live
-                return []
-            batch = [live.popleft()]
-            rest: collections.deque[_Job] = collections.deque()
-            for j in live:
-                (batch if j.key == batch[0].key and len(batch) < self.max_batch else rest).append(j)
-            self._jobs = rest
-            return batch
-
-    def _worker(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if not batch:
-                continue
-            try:
-                results = self._run(batch)
-            except BaseException as e:  # noqa: BLE001 - every caller of the batch gets it
-                for j in batch:
-                    j.future.set_exception(e)
-            else:
-                for j, r in zip(batch, results, strict=True):
-                    j.future.set_result(r)
-
-    # ------------------------------------------------------------------ model work (worker thread only)
-    def _run(self, batch: list[_Job]) -> list[Any]:
-        import torch
-
-        from planners.planner import PlanResult
-        from planners.sampler import infill, sample
-        from planners.strategies import COUNTED_COMMITS
-
-        m = self.metrics
-        m.plan_batches += 1
-        m.plan_rows += len(batch)
-        m.plan_max_batch = max(m.plan_max_batch, len(batch))
-        started = time.monotonic()
-        cfg = batch[0].config
-        prompts = [j.prompt_ids for j in batch]
-        with torch.inference_mode():
-            if batch[0].kind == "plan":
-                out = sample(self.planner.model, prompts, cfg)
-            else:
-                out = infill(self.planner.model, [j.span for j in batch], cfg, prompts=prompts)
-        per_pass = 2 if cfg.cfg_scale > 0 else 1
-        results = []
-        for i, j in enumerate(batch):
-            span = [int(t) for t in out.tokens[i].tolist()]
-            tokens = span[: int(out.lengths[i])]
-            traj = out.trajectories[i] if out.trajectories else None
-            steps = out.steps
-            if traj is not None and len(batch) > 1:
-                traj = _solo_trajectory(traj, counted=cfg.commit in COUNTED_COMMITS, per_pass=per_pass)
-                steps = len(traj.steps)
-            with self._tok:
-                text = self.planner.decode(tokens)
-            stats = {
-                "nfe": steps * per_pass,
-                "steps": steps,
-                "seconds": out.seconds,
-                "gen_length": cfg.gen_length,
-                "tokens": len(tokens),
-                "tokens_per_step": len(span) / max(1, steps),
-                "batch_size": len(batch),
-                "batch_nfe": int(out.nfe),
-                "queue_ms": (started - j.enqueued) * 1000,
-            }
-            results.append(PlanResult(text, tokens, list(j.prompt_ids), traj, stats, span=span))
-        return results
-
-
-def _solo_trajectory(traj: Any, *, counted: bool, per_pass: int) -> Any:
-    """The trajectory a row would have had alone: drop the steps it only waited through while other rows of its
-    batch finished a block (dynamic commit rules: steps committing nothing; counted rules, which run in
-    lockstep: whole blocks in which the row had nothing to fill), then renumber the steps."""
-    if counted:
-        active = {s.block for s in traj.steps if s.committed}
-        keep = [s for s in traj.steps if s.block in active]
-    else:
-        keep = [s for s in traj.steps if s.committed or s.remasked]
-    steps = [dataclasses.replace(s, step=k) for k, s in enumerate(keep)]
-    return dataclasses.replace(traj, steps=steps, nfe=len(steps) * per_pass)
-
-
-# ============================================================================================ fallback
-class FallbackRealizer:
-    """Streams from `primary`; if it fails before its first token, streams the same request from `fallback`
-    and leaves the primary alone for `retry_after_s` (requests go straight to the fallback meanwhile). A
-    failure after tokens went out is raised: the client already has part of the answer."""
-
-    def __init__(self, primary: Any, fallback: Any, *, retry_after_s: float = 5.0, metrics: Metrics | None = None):
-        self.primary, self.fallback = primary, fallback
-        self.retry_after_s = retry_after_s
-        self.metrics = metrics or Metrics()
-        self._down_until = 0.0
-        self.name = f"{primary.name} (fallback: {fallback.name})"
-
-    async def astream(self, messages, params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
-        if time.monotonic() >= self._down_until:
-            started = False
-            try:
-                async for ev in self.primary.astream(messages, params):
-                    if isinstance(ev, TextDelta) and ev.text:
-                        started = True
-                    yield ev
-                return
-            except RealizerError as e:
-                if started:
-                    raise
-                self._down_until = time.monotonic() + self.retry_after_s
-                log.warning("primary realizer failed (%s); using the fallback for %.0f s", e, self.retry_after_s)
-        self.metrics.fallbacks += 1
-        async for ev in self.fallback.astream(messages, params):
-            yield ev
-
-    async def aclose(self) -> None:
-        for r in (self.primary, self.fallback):
-            await r.aclose()
 
 
 # ============================================================================================ one run
@@ -642,54 +174,6 @@ class _Run:
         self.handle.cancelled.set()  # queued planner calls of this request are dropped
         self.task.cancel()
         return True
-
-
-def _plan_info(state: dict[str, Any], ev: dict[str, Any], wall_ms: float) -> dict[str, Any]:
-    t = state.get("timings", {}) if state else {}
-    stats = state.get("plan_stats", {}) if state else {}
-    return {
-        "event": "plan",
-        "mode": ev.get("mode"),
-        "tse": ev.get("tse"),
-        "revisions": ev.get("revisions", 0),
-        "accepted": ev.get("accepted"),
-        "nfe": int(t.get("nfe", 0)),
-        "plan_ms": round(t.get("plan_ms", 0.0), 1),
-        "score_ms": round(t.get("score_ms", 0.0), 1),
-        "wall_ms": round(wall_ms, 1),
-        "batch_size": stats.get("batch_size"),
-        "queue_ms": round(stats["queue_ms"], 1) if "queue_ms" in stats else None,
-    }
-
-
-def _done_info(state: dict[str, Any], server: dict[str, float]) -> dict[str, Any]:
-    t = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in state.get("timings", {}).items()}
-    t.pop("started_at", None)
-    best = state.get("best")
-    tse = best["tse"] if best is not None and not state.get("accepted") else state.get("tse")  # the draft handed on
-    return {
-        "event": "done",
-        "mode": state.get("mode"),
-        "tse": tse,
-        "revisions": state.get("revisions", 0),
-        "accepted": state.get("accepted"),
-        "warnings": state.get("warnings", []),
-        "timings": {**t, **server},
-    }
-
-
-def _usage(state: dict[str, Any]) -> dict[str, int]:
-    u = state.get("usage", {}) or {}
-    p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _finish_reason(state: dict[str, Any]) -> str:
-    return (state.get("usage", {}) or {}).get("finish_reason") or "stop"
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False, default=str)}\n\n"
 
 
 # ============================================================================================ the app
@@ -1063,8 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid.runtime import SetupError, build_context
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # the key is the server's, not a config field: keep it out of HybridConfig's HYBRID_* environment layer
-    env_key = os.environ.pop("HYBRID_API_KEY", None)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     say = _progress(False)
@@ -1093,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     app = create_app(
         ctx,
-        api_key=args.api_key or env_key,
+        api_key=args.api_key or os.environ.get("HYBRID_API_KEY"),
         fallback=fallback,
         fallback_retry_s=args.fallback_retry,
         limits=Limits(

@@ -19,6 +19,7 @@ _EXPORTS = {
     "DiffusionBackbone": "planners.model",
     "score_trajectory": "planners.tse",
     "TSEConfig": "planners.tse",
+    "BatchingPlanner": "planners.batching",
 }
 
 __all__ = sorted(_EXPORTS)

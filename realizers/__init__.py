@@ -18,6 +18,7 @@ _EXPORTS = {
     "complete": "realizers.base",
     "acomplete": "realizers.base",
     "OpenAIRealizer": "realizers.openai_compat",
+    "FallbackRealizer": "realizers.fallback",
     "embedded_realizer": "realizers.embedded",
     "LlamaCppRealizer": "realizers.embedded",
     "TransformersRealizer": "realizers.embedded",

@@ -262,25 +262,33 @@ def test_openai_client_streams_plan_as_reasoning_then_content(served):
     assert ar.model_extra["hybrid"]["mode"] == "ar"
 
 
-def test_batched_plans_equal_solo_plans(tiny_planner):
-    """Rows denoised together get the tokens, trajectory and NFE they get alone."""
+@pytest.mark.parametrize("commit", ["static", "threshold"])
+def test_batched_plans_equal_solo_plans(planner, commit):
+    """Rows denoised together get the tokens, trajectory and NFE they get alone: with counted commits (rows in
+    lockstep) and with threshold commits, where these rows need 16, 15 and 15 steps alone (so in a batch the
+    shorter ones wait a step, which must not show in their trajectories)."""
+    import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
     from hybrid import prompts
 
+    cfg = dataclasses.replace(planner.sampler, commit=commit, threshold=0.02)
     questions = ["Hi", QUESTION, "Explain in detail how a bicycle gear system works, please."]
-    solo = [tiny_planner.plan(prompts.plan_messages(q)) for q in questions]
+    solo = [planner.plan(prompts.plan_messages(q), config=cfg) for q in questions]
+    if commit == "threshold":
+        assert len({len(r.trajectory.steps) for r in solo}) > 1
     metrics = Metrics()
-    batcher = BatchingPlanner(tiny_planner, max_batch=8, window_s=0.3, metrics=metrics)
+    batcher = BatchingPlanner(planner, max_batch=8, window_s=0.3, metrics=metrics)
     try:
         with ThreadPoolExecutor(len(questions)) as pool:
-            batched = list(pool.map(lambda q: batcher.plan(prompts.plan_messages(q)), questions))
+            batched = list(pool.map(lambda q: batcher.plan(prompts.plan_messages(q), config=cfg), questions))
         assert metrics.plan_max_batch == len(questions)  # one batch
         # the revise loop's redraw: a few positions of each plan remasked and denoised again, batched too
         positions = [[0, 3], [5, 6, 7, 8], [15]]
-        solo_redraws = [tiny_planner.redraw(r, p) for r, p in zip(solo, positions, strict=True)]
+        solo_redraws = [planner.redraw(r, p, config=cfg) for r, p in zip(solo, positions, strict=True)]
         with ThreadPoolExecutor(len(questions)) as pool:
-            batched_redraws = list(pool.map(lambda a: batcher.redraw(*a), zip(batched, positions, strict=True)))
+            args = zip(batched, positions, strict=True)
+            batched_redraws = list(pool.map(lambda a: batcher.redraw(*a, config=cfg), args))
         assert metrics.plan_batches == 2
     finally:
         batcher.close()
@@ -355,7 +363,7 @@ class Upstream:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRID_")}
         env["PYTHONPATH"] = str(REPO)
-        cmd = [sys.executable, "-m", "hybrid.server", "--mode", "ar", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--mode", "ar", "--port", str(self.port)]
         self.proc = launch(cmd + ["--log-level", "warning"], env=env, log_path=self.log)
         wait_ready(self.url, timeout_s=120, proc=self.proc, log_path=self.log)
 
