@@ -1,8 +1,9 @@
 """OpenAIRealizer against the real vLLM server (CPU build, SmolLM2-135M-Instruct), started by realizers.local_vllm.
 
 The venv comes from `python -m realizers.local_vllm prepare` (`.ci/prepare_vllm.sh`); its location is env
-`HYBRID_VLLM_VENV` (default `~/.cache/hybrid/vllm-venv`). Unprepared, the vLLM tests skip, unless `HYBRID_REQUIRE_VLLM=1`
-(CI), where they fail. One server (~45 s to start) serves the whole module; the test that kills it runs last.
+`HYBRID_VLLM_VENV` (default `~/.cache/hybrid/vllm-venv`). Unprepared, the vLLM tests skip, unless
+`HYBRID_REQUIRE_VLLM=1` (CI), where they fail. One server (~45 s to start) serves the whole module; the test
+that kills it runs last.
 The tests without the `vllm` marker need no server and always run: a closed port, a silent socket, and an
 in-memory transport for what vLLM never does (no usage chunk, a stream cut short, an error event).
 """
