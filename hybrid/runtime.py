@@ -112,4 +112,5 @@ def build_context(cfg: HybridConfig, progress: Progress = lambda _m: None, *, mo
 
         progress("loading sentence embedder (all-MiniLM-L6-v2) ...")
         embed = default_embedder()
+        embed(["warm-up"])  # load now, not in the middle of the first request
     return HybridContext(config=cfg, planner=planner, realizer=realizer, embed=embed)

@@ -43,9 +43,16 @@ def _load(model_dir: str, device: str) -> tuple[Any, Any]:
     with _LOCK:
         if key not in _MODELS:
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
-            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # a 0.1 s load needs no bar in the middle of a streamed answer
+            try:
+                tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+                model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
             _MODELS[key] = (tok, model)
         return _MODELS[key]
 
