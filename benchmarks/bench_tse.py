@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -271,6 +272,7 @@ def run_item(planner, prob: Problem, *, prompt: str, sampler: dict, tse_cfg, see
         "vote_correct": score.vote == truth,
         "vote_share": score.vote_share,
         "oracle_correct": truth in step_answers[skip:],
+        "mentioned": mentions(res.text, truth),
         "tse": score.tse,
         "flip_rate": score.flip_rate,
         "mean_entropy": score.mean_entropy,
@@ -286,6 +288,45 @@ def run_item(planner, prob: Problem, *, prompt: str, sampler: dict, tse_cfg, see
 
 
 SIGNALS = ("tse", "flip_rate", "mean_entropy")
+_INT_RE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def mentions(text: str, answer: str) -> bool:
+    """The answer appears as a number anywhere in the text (not only last): a looser check than final accuracy."""
+    return answer in _INT_RE.findall(text.replace(",", ""))
+
+
+def ar_reference(planner, problems: list[list[Problem]], *, suffix: str, gen_length: int, threads: int) -> dict:
+    """The AR model the planner was adapted from (SmolLM2-135M-Instruct, the packaged Q4_1 GGUF through llama-cpp),
+    greedy, the same prompts and the same token budget: how often the teacher itself gets there."""
+    import llama_cpp
+
+    from planners.assets import smollm2_gguf_path
+    from planners.tse import extract_last_number
+
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=512, n_threads=threads, verbose=False)
+    stop = set(planner.model.config.stop_ids)
+    per_seed, t0 = [], time.perf_counter()
+    for probs in problems:
+        final = mentioned = 0
+        for prob in probs:
+            toks: list[int] = []
+            for t in llm.generate(planner.encode(prob.question + suffix), temp=0.0, top_k=1, repeat_penalty=1.0,
+                                  reset=True):  # fmt: skip
+                if t in stop or len(toks) >= gen_length:
+                    break
+                toks.append(t)
+            text = planner.decode(toks)
+            final += extract_last_number(text) == str(prob.answer)
+            mentioned += mentions(text, str(prob.answer))
+        per_seed.append({"final_acc": final / len(probs), "mentioned": mentioned / len(probs)})
+    return {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llama-cpp), greedy",
+        "per_seed": per_seed,
+        "final_acc": mean_std([r["final_acc"] for r in per_seed]),
+        "mentioned": mean_std([r["mentioned"] for r in per_seed]),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summarise(items: list[dict]) -> dict[str, Any]:
@@ -297,6 +338,7 @@ def summarise(items: list[dict]) -> dict[str, Any]:
         "final_acc": sum(it["final_correct"] for it in items) / n if n else None,
         "vote_acc": sum(it["vote_correct"] for it in items) / n if n else None,
         "oracle_acc": sum(it["oracle_correct"] for it in items) / n if n else None,
+        "mentioned": sum(it["mentioned"] for it in items) / n if n else None,
         "parsed": sum(it["final"] is not None for it in items) / n if n else None,
         "n_wrong": sum(wrong),
     }
@@ -339,10 +381,10 @@ def _ci(d: dict, nd: int = 3) -> str:
     return f"{d['value']:.{nd}f} [{d['lo']:.{nd}f}, {d['hi']:.{nd}f}]"
 
 
-COLUMNS = ("final_acc", "vote_acc", "oracle_acc", "parsed", "auroc_tse", "auroc_tse_parsed", "auroc_flip_rate",
-           "auroc_mean_entropy", "mean_tse", "mean_flip_rate", "mean_mean_entropy")  # fmt: skip
-HEADERS = ("final acc", "vote acc", "oracle", "parsed", "AUROC TSE", "AUROC TSE parsed", "AUROC flip", "AUROC ent",
-           "TSE bits", "flip rate", "entropy")  # fmt: skip
+COLUMNS = ("final_acc", "vote_acc", "oracle_acc", "mentioned", "parsed", "auroc_tse", "auroc_tse_parsed",
+           "auroc_flip_rate", "auroc_mean_entropy", "mean_tse", "mean_flip_rate", "mean_mean_entropy")  # fmt: skip
+HEADERS = ("final acc", "vote acc", "oracle", "mentioned", "parsed", "AUROC TSE", "AUROC TSE parsed", "AUROC flip",
+           "AUROC ent", "TSE bits", "flip rate", "entropy")  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -372,6 +414,8 @@ def parse_args(argv=None):
     )
     g.add_argument("--no-adapter", action="store_true", help="the untrained base model as planner")
     g.add_argument("--smoke", action="store_true", help="tiny random model, 4 problems x 2 seeds (a quick check)")
+    p.add_argument("--ar-reference", action="store_true",
+                   help="also run the AR model (llama-cpp, greedy) on the same prompts and token budget")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the pooled CIs")
     p.add_argument("--out", default=None, help="write the whole result (with items) as JSON here")
@@ -409,8 +453,8 @@ def main(argv=None) -> dict:
     per_seed: list[dict] = []
     bar = tqdm(total=a.n * a.seeds, desc="bench_tse", disable=a.no_progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for s in range(a.seeds):
-        probs = make_problems(a.n, 0 if a.same_problems else s)
+    problem_sets = [make_problems(a.n, 0 if a.same_problems else s) for s in range(a.seeds)]
+    for s, probs in enumerate(problem_sets):
         t_seed = time.perf_counter()
         group = []
         for i, prob in enumerate(probs):
@@ -426,7 +470,7 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t0
 
     keys = (
-        ("final_acc", "vote_acc", "oracle_acc", "parsed", "auroc_tse_parsed")
+        ("final_acc", "vote_acc", "oracle_acc", "mentioned", "parsed", "auroc_tse_parsed")
         + tuple(f"auroc_{x}" for x in SIGNALS)
         + tuple(f"mean_{x}" for x in SIGNALS)
     )
@@ -440,6 +484,9 @@ def main(argv=None) -> dict:
         return {k: s[k] for k in boot_keys}
 
     boot = bootstrap_ci(items, stat, n_boot=a.bootstrap, seed=1)
+    ar = None
+    if a.ar_reference and not a.smoke:
+        ar = ar_reference(planner, problem_sets, suffix=a.suffix, gen_length=a.gen_length, threads=a.threads)
     result = {
         "bench": "tse",
         "planner": planner.name,
@@ -460,6 +507,7 @@ def main(argv=None) -> dict:
         "pooled_bootstrap_95": boot,
         "seconds": {"load": load_s, "run": wall, "per_item": wall / max(len(items), 1)},
         "nfe_per_item": statistics.fmean(it["nfe"] for it in items) if items else None,
+        "ar_reference": ar,
     }
 
     print(f"planner: {planner.name} — {desc}")
@@ -480,6 +528,11 @@ def main(argv=None) -> dict:
         + f"; wrong answers {pooled['n_wrong']}/{pooled['n']}; mean TSE right {_fmt(pooled['tse_when_right'])} / "
         f"wrong {_fmt(pooled['tse_when_wrong'])} bits"
     )
+    if ar is not None:
+        print(
+            f"AR reference ({ar['model']}, {a.gen_length} tokens): final acc {_pm(ar['final_acc'])}, "
+            f"answer mentioned {_pm(ar['mentioned'])}"
+        )
     if pooled["auroc_tse"] is None:
         print("AUROC undefined: every final answer is " + ("wrong" if pooled["n_wrong"] == pooled["n"] else "right"))
     if a.out:

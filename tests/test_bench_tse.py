@@ -110,8 +110,8 @@ def test_bootstrap_skips_undefined_resamples():
 
 
 def _item(correct: bool, tse: float, final: str | None = "5") -> dict:
-    return {"final_correct": correct, "vote_correct": correct, "oracle_correct": correct, "final": final,
-            "tse": tse, "flip_rate": 0.0, "mean_entropy": None}  # fmt: skip
+    return {"final_correct": correct, "vote_correct": correct, "oracle_correct": correct, "mentioned": correct,
+            "final": final, "tse": tse, "flip_rate": 0.0, "mean_entropy": None}  # fmt: skip
 
 
 def test_summarise_auroc_of_wrong_answers():
@@ -123,6 +123,13 @@ def test_summarise_auroc_of_wrong_answers():
     assert s["auroc_flip_rate"] == 0.5  # constant signal: all ties
     assert s["auroc_mean_entropy"] is None  # never recorded
     assert bt.summarise([_item(True, 0.3)])["auroc_tse"] is None
+
+
+def test_mentions_matches_whole_numbers_only():
+    assert bt.mentions("6 x 2 = 12 marbles", "12")
+    assert not bt.mentions("there are 120 marbles", "12")
+    assert bt.mentions("1,234 apples", "1234")
+    assert not bt.mentions("no numbers here", "5")
 
 
 # ------------------------------------------------------------------------------------------------ smoke
