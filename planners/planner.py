@@ -196,5 +196,9 @@ def default_sampler_for(model: DiffusionBackbone) -> SamplerConfig:
     c = model.config
     block = c.block_size if c.attention == "block_causal" else 32
     return SamplerConfig(
-        gen_length=max(block, 48 // block * block), steps=48, block_length=block, record_trajectory=True
+        gen_length=max(block, 48 // block * block),
+        steps=48,
+        block_length=block,
+        record_trajectory=True,
+        cache="prefix" if c.attention != "full" else "none",  # exact for (block-)causal attention
     )
