@@ -253,16 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     g = sub.add_parser("graph", help="print the graph's mermaid drawing")
     g.set_defaults(func=cmd_graph)
-    for name, help_ in (
+    for name, help_ in (  # keys of DELEGATED
         ("adapt", "adapt an AR checkpoint into a diffusion planner (training)"),
         ("vllm-local", "prepare / start / stop a local vLLM (CPU build) realizer server"),
         ("serve", "OpenAI-compatible HTTP server for the hybrid pipeline"),
         ("compare", "compare diffusion, hybrid and AR modes on a task set"),
         ("view", "write the trajectory viewer HTML page for a run"),
     ):
-        s = sub.add_parser(name, help=help_, add_help=False)  # dispatched in main() before parsing
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=lambda a, m=DELEGATED[name]: _delegate(m, a.rest))
+        sub.add_parser(name, help=help_, add_help=False)  # listed for --help; main() dispatches these itself
     return p
 
 

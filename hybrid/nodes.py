@@ -93,17 +93,19 @@ def _length_overrides(ctx: HybridContext, mode: str) -> dict[str, int]:
     return {"gen_length": p.answer_length, "steps": max(1, p.steps * p.answer_length // p.gen_length)}
 
 
+def _planner_messages(state: HybridState, mode: str) -> list[dict[str, str]]:
+    """What the planner is asked: the answer itself in diffusion mode, else the plan."""
+    make = prompts.answer_messages if mode == "diffusion" else prompts.plan_messages
+    return make(state.question, state.history)
+
+
 async def plan(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
     ctx = runtime.context
     write = _writer()
     mode = _mode(state, ctx)
     started = state.timings.get("started_at") or time.time()
     t0 = time.time()
-    messages = (
-        prompts.answer_messages(state.question, state.history)
-        if mode == "diffusion"
-        else prompts.plan_messages(state.question, state.history)
-    )
+    messages = _planner_messages(state, mode)
     write({"type": "status", "stage": "plan", "mode": mode})
     result: PlanResult = await asyncio.to_thread(ctx.planner.plan, messages, **_length_overrides(ctx, mode))
     plan_ms = (time.time() - t0) * 1000
@@ -187,11 +189,7 @@ async def revise(state: HybridState, runtime: Runtime[HybridContext]) -> dict[st
     if cfg.mode == "resample" or previous.trajectory is None:
         seed = (ctx.planner.sampler.seed or 0) + state.revisions + 1
         mode = _mode(state, ctx)
-        messages = (
-            prompts.answer_messages(state.question, state.history)
-            if mode == "diffusion"
-            else prompts.plan_messages(state.question, state.history)
-        )
+        messages = _planner_messages(state, mode)
         temperature = max(ctx.planner.sampler.temperature, 0.7)
         result = await asyncio.to_thread(
             ctx.planner.plan, messages, seed=seed, temperature=temperature, **_length_overrides(ctx, mode)

@@ -19,7 +19,7 @@ class SetupError(RuntimeError):
     """A component could not be built; the message says which and why, in one line."""
 
 
-def sampler_config(cfg: HybridConfig, *, diffusion_answer: bool = False):
+def sampler_config(cfg: HybridConfig):
     from planners.sampler import SamplerConfig
 
     p = cfg.planner
