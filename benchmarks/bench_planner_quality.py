@@ -12,6 +12,7 @@ Baselines in the same run: AR greedy plans (llama-cpp, the packaged GGUF) and th
 
     python -m benchmarks.bench_planner_quality                       # the shipped adapter
     python -m benchmarks.bench_planner_quality --adapter runs/adapt/adapter.safetensors --prompts 8 --arith 4
+    python -m benchmarks.bench_planner_quality --no-base --no-eval --thresholds 0.9 0.7 0.5 --learned 0.9 0.7 0.5
 
 Prints a table; the whole result is JSON on the last line.
 """
@@ -34,6 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--arith", type=int, default=6, help="checkable arithmetic held-out prompts")
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.9, 0.7])
+    p.add_argument("--learned", type=float, nargs="*", default=[], help="commit='learned' at these P(final) cut-offs")
+    p.add_argument("--commit-policy", default=None, help="learned commit policy weights (default: the shipped one)")
+    p.add_argument("--no-static", action="store_true", help="skip the 1-token-per-pass row")
+    p.add_argument("--no-eval", action="store_true", help="skip the teacher-forced accuracy")
+    p.add_argument("--refs-cache", default=None, help="JSON file caching the AR reference plans between runs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the planner's weights")
     p.add_argument("--cache", default="prefix", choices=["none", "prefix", "dual"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-base", action="store_true", help="skip the untrained-base rows")
@@ -52,11 +59,10 @@ def pick_prompts(n_free: int, n_arith: int, seed: int = 0):
 
 def ar_plans(prompt_ids: list[list[int]], gen_length: int, eos: int, threads: int) -> tuple[list[list[int]], float]:
     """Greedy plans from the packaged GGUF through llama-cpp (the AR model's own plans), and seconds per plan."""
-    import llama_cpp
-
     from planners.assets import smollm2_gguf_path
+    from realizers.llamacpp import load_llama
 
-    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=512, n_threads=threads, verbose=False)
+    llm = load_llama(smollm2_gguf_path(), n_ctx=512, n_threads=threads)
     out, t0 = [], time.perf_counter()
     for ids in prompt_ids:
         toks: list[int] = []
@@ -113,7 +119,7 @@ def planner_row(name, model, scorer, tok, prompts, prompt_ids, refs, embed, cfg)
     checked = [c for c in checks if c is not None]
     return {
         "row": name,
-        "commit": cfg.commit + (f"@{cfg.threshold}" if cfg.commit == "threshold" else ""),
+        "commit": cfg.commit + (f"@{cfg.threshold}" if cfg.commit in ("threshold", "learned") else ""),
         "nfe_batch": out.nfe,
         "passes_per_plan": round(sum(per_row_passes) / len(per_row_passes), 1),
         "tokens_per_pass": round(cfg.gen_length / (sum(per_row_passes) / len(per_row_passes)), 2),
@@ -125,6 +131,21 @@ def planner_row(name, model, scorer, tok, prompts, prompt_ids, refs, embed, cfg)
         "seconds_per_plan": round(secs / len(plans), 2),
         "samples": [{"prompt": p.text, "plan": t} for p, t in zip(prompts[:3], texts[:3], strict=False)],
     }
+
+
+def _cached_refs(path, prompt_ids, compute):
+    """The AR reference plans (greedy: deterministic), read from / written to `path` when one is given."""
+    import os
+
+    if path and os.path.exists(path):
+        d = json.loads(open(path).read())
+        if d["prompt_ids"] == prompt_ids:
+            return d["refs"], d["seconds_per_plan"]
+    refs, secs = compute()
+    if path:
+        with open(path, "w") as f:
+            json.dump({"prompt_ids": prompt_ids, "refs": refs, "seconds_per_plan": secs}, f)
+    return refs, secs
 
 
 def _mean(xs):
@@ -150,12 +171,14 @@ def main(argv=None) -> dict:
     tok = AutoTokenizer.from_pretrained(str(base))
     prompts = pick_prompts(a.prompts, a.arith, a.seed)
     prompt_ids = [chat_prompt_ids(tok, p.text) for p in prompts]
-    adapted = load_backbone(base, adapter=adapter, mask_token_id=16)
+    # the LoRA merged into the weights (no adapter matmuls per pass; the same tokens: tests/test_commit_policy.py)
+    adapted = load_backbone(base, adapter=adapter, mask_token_id=16, merge_adapter=True, dtype=getattr(torch, a.dtype))
     untrained = load_backbone(base, mask_token_id=16, attention="block_causal", block_size=adapted.config.block_size)
+    scorer = untrained  # no adapter: the untouched AR model under the causal mask of `ar_nll`
     eos = adapted.config.eos_token_id
     meta = json.loads(open(adapter.replace(".safetensors", ".json")).read())
 
-    refs, ar_secs = ar_plans(prompt_ids, a.gen_length, eos, a.threads)
+    refs, ar_secs = _cached_refs(a.refs_cache, prompt_ids, lambda: ar_plans(prompt_ids, a.gen_length, eos, a.threads))
     embed = SentenceEmbedder()
     block = adapted.config.block_size
     rows_eval = [
@@ -164,12 +187,13 @@ def main(argv=None) -> dict:
     ]
     rows_eval = [(i, r[: len(r) - len(r) % block]) for i, r in rows_eval if len(r) >= block]
     results: dict = {"adapter": adapter, "prompts": len(prompts), "gen_length": a.gen_length, "cache": a.cache}
+    results["dtype"] = a.dtype
     results["training"] = {
         k: meta.get("training", {}).get(k) for k in ("steps", "tokens_seen", "wall_time_s", "train_rows")
     }
     t0 = time.perf_counter()
-    results["heldout_acc"] = {"adapted": evaluate(adapted, rows_eval)}
-    if not a.no_base:
+    results["heldout_acc"] = {"adapted": evaluate(adapted, rows_eval)} if not a.no_eval else {}
+    if not a.no_base and not a.no_eval:
         results["heldout_acc"]["untrained"] = evaluate(untrained, rows_eval)
     results["eval_seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -184,7 +208,7 @@ def main(argv=None) -> dict:
             "passes_per_plan": round(sum(map(len, refs)) / len(refs), 1),
             "tokens_per_pass": 1.0,
             "cosine_vs_ar": 1.0,
-            "ar_nll": round(_mean([ar_nll(adapted, i, r) for i, r in zip(prompt_ids, refs, strict=True)]), 3),
+            "ar_nll": round(_mean([ar_nll(scorer, i, r) for i, r in zip(prompt_ids, refs, strict=True)]), 3),
             "repeat_rate": round(sum(map(repeat_rate, refs)) / len(refs), 3),
             "mean_len": round(sum(map(len, refs)) / len(refs), 1),
             "arith_correct": f"{sum(checked)}/{len(checked)}",
@@ -193,14 +217,17 @@ def main(argv=None) -> dict:
     ]
     g = a.gen_length
     static = SamplerConfig(gen_length=g, steps=g, block_length=block, cache=a.cache)  # 1 token per pass
-    configs = [("adapted", adapted, static)]
+    configs = [] if a.no_static else [("adapted", adapted, static)]
     configs += [("adapted", adapted, replace(static, commit="threshold", threshold=t)) for t in a.thresholds]
+    if a.learned:
+        learned = replace(static, commit="learned", commit_policy=a.commit_policy)
+        configs += [("adapted", adapted, replace(learned, threshold=t)) for t in a.learned]
     if not a.no_base:
         configs.append(
             ("untrained base", untrained, SamplerConfig(gen_length=g, steps=g, block_length=block, cache=a.cache))
         )
     for name, model, cfg in configs:
-        rows.append(planner_row(name, model, adapted, tok, prompts, prompt_ids, refs, embed, cfg))
+        rows.append(planner_row(name, model, scorer, tok, prompts, prompt_ids, refs, embed, cfg))
         print(f"  done: {name} {rows[-1]['commit']}", flush=True)
     results["rows"] = rows
 

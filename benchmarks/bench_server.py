@@ -3,9 +3,12 @@
     python -m benchmarks.bench_server --url http://127.0.0.1:8000/v1            # a running server
     python -m benchmarks.bench_server --start "--gen-length 16 --steps 16"       # start one (args to serve)
     python -m benchmarks.bench_server -n 32 --max-tokens 32 --modes hybrid,ar
+    python -m benchmarks.bench_server --start "" -n 1,8,32 --modes ar,hybrid    # single stream, 8 and 32 clients
 
 Every mode gets one untimed warm-up request, then N clients start together, each streaming one chat
-completion (distinct prompts, greedy). Per request, from the moment it is sent: plan latency (the chunk
+completion (distinct prompts, greedy); `-n` may list several N, run in order per mode. With N = 1 in the list,
+every burst of that mode also reports its aggregate content tokens/s as a ratio to that single stream
+(`ratio_vs_single`), measured in the same run. Per request, from the moment it is sent: plan latency (the chunk
 carrying the plan arrived; the server's own plan_ms beside it), TTFT (first chunk with non-empty content, as
 `vllm bench serve`), total time; then p50 / p99 over the requests, throughput (requests/s and content
 tokens/s over the wall time of the whole burst) and errors. `ar` (the realizer alone) is the baseline measured
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="server base URL (ignored with --start)")
     p.add_argument("--start", metavar="SERVE_ARGS", help="start `hybrid serve` with these arguments, then stop it")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_API_KEY"))
-    p.add_argument("-n", "--clients", type=int, default=32)
+    p.add_argument("-n", "--clients", default="32", help="concurrent clients; a comma list runs each in turn")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--modes", default="hybrid,ar", help="comma list; ar is the baseline")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a client waits")
@@ -152,17 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     proc, url = None, a.url.rstrip("/")
     if a.start is not None:
         proc, url = start_server(a.start, a.log)
+    clients = [int(n) for n in str(a.clients).split(",") if n.strip()]
     try:
         results = []
-        for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
-            r = asyncio.run(burst(url, a.api_key, mode, a.clients, a.max_tokens, a.timeout))
+        for mode, n in [(m.strip(), n) for m in a.modes.split(",") if m.strip() for n in clients]:
+            r = asyncio.run(burst(url, a.api_key, mode, n, a.max_tokens, a.timeout))
+            single = next((x for x in results if x["mode"] == mode and x["clients"] == 1), None)
+            if single and single["content_tokens_per_s"]:
+                r["ratio_vs_single"] = round(r["content_tokens_per_s"] / single["content_tokens_per_s"], 2)
             results.append(r)
             print(
                 f"{mode:9s} {r['completed']:3d}/{r['clients']} ok, {r['errors']} errors | "
                 f"plan p50 {r['plan_ms']['p50']} p99 {r['plan_ms']['p99']} ms | "
                 f"TTFT p50 {r['ttft_ms']['p50']} p99 {r['ttft_ms']['p99']} ms | "
                 f"total p50 {r['total_ms']['p50']} p99 {r['total_ms']['p99']} ms | "
-                f"{r['requests_per_s']} req/s, {r['content_tokens_per_s']} tok/s (wall {r['wall_s']} s)",
+                f"{r['requests_per_s']} req/s, {r['content_tokens_per_s']} tok/s (wall {r['wall_s']} s)"
+                + (f" | x{r['ratio_vs_single']} single" if "ratio_vs_single" in r else ""),
                 flush=True,
             )
         metrics = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).json()
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": "server",
                 "url": url,
                 "serve_args": a.start,
-                "clients": a.clients,
+                "clients": clients,
                 "max_tokens": a.max_tokens,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "results": results,

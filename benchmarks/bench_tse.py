@@ -1,113 +1,49 @@
-"""Temporal semantic entropy as a signal: does TSE predict a wrong final answer on checkable questions?
+"""Is the score a signal? TSE and its baselines against wrong answers, on a checkable factual task set.
 
-The planner answers short arithmetic word problems itself (the prompt is the question, nothing else; it
-writes `--gen-length` tokens in blocks of 8) with its trajectory recorded. Each trajectory is scored by
-`planners.tse.score_trajectory` with the "last_number" extractor and the "exact" clusterer, and we report:
+On `hybrid.tasks.factual_tasks()` (short factual questions, ~330, held out by topic from the planner's adaptation
+data; `--n` draws a topic-stratified subsample), with the models loaded once, greedy decoding and the
+product's own settings (`HybridConfig` defaults, one `SamplerConfig` per mode from `hybrid.runtime.sampler_config`):
 
-  - final accuracy: the last number in the plan text equals the known answer;
-  - vote accuracy: the temporal self-consistency vote (weighted majority over the x0-hat answers of the
-    steps after the skip) equals the answer — zero extra forward passes;
-  - AUROC of TSE for predicting a WRONG final answer (Mann-Whitney U, ties count 1/2; "undefined" when every
-    answer is right or every answer is wrong), and the same for the companion signals flip rate and mean
-    token entropy;
-  - oracle: the right answer appears at some step after the skip (the ceiling for any vote over time).
+Phase 1, per task, every mode:
+  - ar: the realizer answers alone;
+  - diffusion: the planner writes the answer itself (its trajectory recorded and scored);
+  - hybrid: the planner drafts a plan (trajectory scored), the realizer answers following it.
+  Signals per draft (all oriented higher = less trustworthy): TSE with the embedding clusterer (the product's
+  default scorer) and with the exact clusterer, mean token entropy, 1 - final-step confidence (`low_confidence`),
+  flip rate, 1 - vote share (`vote_dissent`); and the degeneracy check (`planners.tse.degeneracy`).
+  AUROC of each signal for a wrong answer (Mann-Whitney U, ties as 1/2), percentile-bootstrap 95% CIs, for the
+  diffusion answers and for the hybrid answers (signal of the plan, correctness of the realized answer);
+  accuracy of the temporal self-consistency vote against the final text (diffusion).
 
-Several seeds: seed s draws its own problem set (`make_problems(n, seed=s)`, unless --same-problems); with
-`--temperature` > 0 it also samples with a sampler seed derived from (s, problem index). The default is greedy
-decoding (the planner's best accuracy), so the spread over seeds is the spread over problem sets. Per-seed
-rows, mean ± std over seeds, and percentile bootstrap 95% CIs over all (seed, problem) items pooled.
+Phase 2, per task, with the gate's signal (`--signal`, default low_confidence, fixed before the run): the revise loop
+(`planners.revise.revise`, the graph's policy) runs its whole budget on the hybrid plan, scoring every attempt
+on the full span; each attempt's best plan is realized. Because an attempt does not depend on the acceptance
+threshold, every threshold's outcome follows from this one run: hybrid mode hands over the first draft whose
+value is at or under the threshold (and not degenerate) and otherwise answers unplanned (AR alone), exactly as
+the graph does. The threshold with the best hybrid accuracy after revision is reported (and its two-fold
+cross-validated accuracy, calibrated on one half, scored on the other). Revision is compared with spending
+the same forward passes on one single draft at a higher commit threshold (`--tau-alt`).
 
-    python -m benchmarks.bench_tse --smoke                                  # tiny random model, seconds
-    python -m benchmarks.bench_tse --n 40 --seeds 3                         # the shipped planner
-    python -m benchmarks.bench_tse --adapter runs/adapt/best_adapter.pt     # a training checkpoint
-    python -m benchmarks.bench_tse --no-adapter                             # the untrained base, same settings
+    python -m benchmarks.bench_tse --smoke                 # tiny random planner, seconds
+    python -m benchmarks.bench_tse --n 120 --out r.json    # the shipped planner on 120 tasks
 
-Prints a table; the result (without per-item records) is JSON on the last line; `--out FILE` writes the
-whole result including every item (question, answer, plan text, per-step answers).
+Prints tables; the result (without per-item records) is JSON on the last line; `--out FILE` writes everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import math
 import random
-import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-# ----------------------------------------------------------------------------------------- problem set
-
-NAMES = ("Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jack", "Kemal", "Lena",
-         "Maya", "Noah", "Olga", "Pablo", "Rosa", "Sam", "Tara", "Victor")  # fmt: skip
-OBJECTS = ("apples", "books", "marbles", "pencils", "stickers", "cookies", "stamps", "shells", "cards", "coins",
-           "eggs", "balloons")  # fmt: skip
-CONTAINERS = ("box", "bag", "basket", "jar", "packet", "crate")
-UNIT_ITEMS = (("notebook", "notebooks"), ("pen", "pens"), ("ticket", "tickets"), ("sandwich", "sandwiches"),
-              ("toy car", "toy cars"), ("plant", "plants"))  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Problem:
-    question: str
-    answer: int
-    op: str  # "+", "-", "*"
-    a: int
-    b: int
-
-
-def make_problems(n: int, seed: int = 0) -> list[Problem]:
-    """`n` one-step word problems (+ and - with operands 2..50, small x with factors 2..9), deterministic by seed.
-
-    Each problem states its numbers once, so the only numbers in a correct answer are the operands and the result.
-    """
-    rng = random.Random(f"bench_tse:{seed}")
-    out: list[Problem] = []
-    for _ in range(n):
-        op = rng.choice("+-*")
-        name = rng.choice(NAMES)
-        if op == "+":
-            a, b = rng.randint(2, 50), rng.randint(2, 50)
-            obj = rng.choice(OBJECTS)
-            q = rng.choice(
-                (
-                    f"{name} has {a} {obj}. {name} gets {b} more {obj}. How many {obj} does {name} have now?",
-                    f"There are {a} {obj} on a table. {name} puts {b} more {obj} on it. How many {obj} are on "
-                    f"the table now?",
-                )
-            )
-            ans = a + b
-        elif op == "-":
-            a, b = rng.randint(3, 50), rng.randint(2, 50)
-            a, b = max(a, b), min(a, b)
-            if a == b:
-                a += 1
-            obj = rng.choice(OBJECTS)
-            q = rng.choice(
-                (
-                    f"{name} has {a} {obj} and gives {b} of them to a friend. How many {obj} does {name} have left?",
-                    f"A shop has {a} {obj}. It sells {b} of them. How many {obj} does the shop have left?",
-                )
-            )
-            ans = a - b
-        else:
-            a, b = rng.randint(2, 9), rng.randint(2, 9)
-            if rng.random() < 0.5:
-                obj, box = rng.choice(OBJECTS), rng.choice(CONTAINERS)
-                q = f"Each {box} holds {a} {obj}. How many {obj} are in {b} {box}{'es' if box.endswith('x') else 's'}?"
-            else:
-                one, many = rng.choice(UNIT_ITEMS)
-                q = f"One {one} costs {a} dollars. How many dollars do {b} {many} cost?"
-            ans = a * b
-        out.append(Problem(q, ans, op, a, b))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------- stats
 
@@ -171,7 +107,7 @@ def bootstrap_ci(items: Sequence[Any], stat, *, n_boot: int = 1000, seed: int = 
     return out
 
 
-# ------------------------------------------------------------------------------------------- planners
+# ------------------------------------------------------------------------------------------- models
 
 
 def tiny_planner(gen_length: int):
@@ -198,227 +134,270 @@ def tiny_planner(gen_length: int):
     return Planner(m.eval(), tok, cfg, name="tiny-random")
 
 
-def _pt_to_safetensors(pt: Path, tmp: Path) -> tuple[Path, str]:
-    """A training file of `python -m planners.adapt` as safetensors + sidecar, with the backbone settings it trains
-    with (block-causal 8, mask id 16, alpha = rank): `best_adapter.pt` (a bare adapter state dict) or
-    `checkpoint.pt` (the resumable state: {"adapter", "optimizer", "state", "rng"}). Returns (path, note)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from planners.adapt.cli import LORA_TARGETS
-
-    try:
-        obj = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception:  # checkpoint.pt keeps Python RNG state: our own training file, trusted
-        obj = torch.load(pt, map_location="cpu", weights_only=False)
-    note = ""
-    if isinstance(obj, dict) and "adapter" in obj:
-        st = obj.get("state", {})
-        note = f" (training step {st.get('step')}, {st.get('elapsed', 0) / 60:.1f} min trained)"
-        obj = obj["adapter"]
-    ranks = {int(v.shape[0]) for k, v in obj.items() if k.endswith("lora_a")}
-    if len(ranks) != 1:
-        raise ValueError(f"{pt}: cannot infer one LoRA rank (found {sorted(ranks)})")
-    r = ranks.pop()
-    dst = tmp / (pt.stem + ".safetensors")
-    save_file({k: v.float().contiguous() for k, v in obj.items()}, str(dst))
-    backbone = {"mask_token_id": 16, "attention": "block_causal", "block_size": 8, "learned_mask_embedding": True,
-                "lora_rank": r, "lora_alpha": float(r), "lora_targets": list(LORA_TARGETS)}  # fmt: skip
-    dst.with_suffix(".json").write_text(json.dumps({"backbone": backbone, "converted_from": str(pt)}))
-    return dst, note
+SIGNALS = ("tse", "tse_exact", "mean_entropy", "low_confidence", "flip_rate", "vote_dissent")
 
 
-def load_planner(adapter: str | None, no_adapter: bool):
-    """(planner, description). adapter None: the shipped one; .pt: a training checkpoint; no_adapter: the base."""
-    from planners.assets import DEFAULT_ADAPTER
-    from planners.planner import Planner
+class Scorer:
+    """Every signal of one trajectory: the product's scorer (`hybrid.nodes.score_summary`'s ingredients) plus
+    TSE with the exact clusterer."""
 
-    if no_adapter:
-        # a path that does not exist makes Planner.load fall back to the untrained base (block-causal 8, mask id 16,
-        # mask embedding = mean embedding): exactly the model training starts from
-        missing = Path(tempfile.gettempdir()) / "bench_tse-no-adapter" / "none.safetensors"
-        return Planner.load(None, adapter=missing), "untrained base (no adapter)"
-    path = Path(adapter) if adapter else DEFAULT_ADAPTER
-    if not path.exists():
-        raise SystemExit(f"adapter not found: {path} (train one, pass --adapter PATH, or use --no-adapter)")
-    if path.suffix == ".pt":
-        tmp = Path(tempfile.mkdtemp(prefix="bench_tse-"))
-        st, note = _pt_to_safetensors(path, tmp)
-        return Planner.load(None, adapter=st), f"training checkpoint {path}{note}"
-    return Planner.load(None, adapter=path), f"adapter {path}"
+    def __init__(self, planner, tse_cfg, embed):
+        self.planner, self.cfg, self.embed = planner, tse_cfg, embed
+        self.exact_cfg = dataclasses.replace(tse_cfg, clusterer="exact")
+        self.stop_ids = list(planner.model.config.stop_ids)
+
+    def __call__(self, traj) -> dict[str, Any]:
+        from planners.tse import degeneracy, score_trajectory
+
+        s = score_trajectory(traj, self.planner.decode, self.cfg, embed=self.embed, stop_ids=self.stop_ids)
+        e = score_trajectory(traj, self.planner.decode, self.exact_cfg, stop_ids=self.stop_ids)
+        end = next((i for i, t in enumerate(traj.final) if t in set(self.stop_ids)), traj.gen_length)
+        sig = {**s.signals(), "tse_exact": e.tse}
+        return {
+            "signals": sig,
+            "degenerate": degeneracy(self.planner.decode(traj.final[:end])),
+            "vote": s.vote,
+            "vote_share": s.vote_share,
+            "n_steps": s.n_steps,
+        }
+
+
+def rank_of(sc: dict[str, Any], signal: str) -> float:
+    """What a draft is accepted and compared on (as the graph): the signal, +inf if undefined or degenerate."""
+    v = sc["signals"].get(signal)
+    return math.inf if (v is None or sc["degenerate"] or math.isnan(v)) else float(v)
 
 
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run_item(planner, prob: Problem, *, prompt: str, sampler: dict, tse_cfg, seed: int) -> dict:
-    from planners.tse import extract_last_number, get_extractor, score_trajectory
+def _realize(realizer, params, question: str, plan: str | None) -> dict[str, Any]:
+    from hybrid import prompts
+    from realizers.base import acomplete
 
-    res = planner.plan(prompt, seed=seed, **sampler)
-    score = score_trajectory(res.trajectory, planner.decode, tse_cfg)
-    truth = str(prob.answer)
-    final = extract_last_number(res.text)
-    extract = get_extractor(tse_cfg.extractor)
-    skip = score.detail.n_skipped
-    step_answers = [extract(planner.decode(s.x0_hat)) for s in res.trajectory.steps]
-    return {
-        "question": prob.question,
-        "op": prob.op,
-        "answer": truth,
-        "text": res.text,
-        "final": final,
-        "final_correct": final == truth,
-        "vote": score.vote,
-        "vote_correct": score.vote == truth,
-        "vote_share": score.vote_share,
-        "oracle_correct": truth in step_answers[skip:],
-        "mentioned": mentions(res.text, truth),
-        "tse": score.tse,
-        "flip_rate": score.flip_rate,
-        "mean_entropy": score.mean_entropy,
-        "n_clusters": score.n_clusters,
-        "n_used": score.n_used,
-        "n_steps": score.n_steps,
-        "all_unparseable": score.detail.all_unparseable,
-        "step_answers": step_answers,
-        "seed": seed,
-        "nfe": res.stats["nfe"],
-        "seconds": res.stats["seconds"],
-    }
+    t0 = time.perf_counter()
+    c = asyncio.run(acomplete(realizer, prompts.realizer_messages(question, plan), params))
+    return {"text": c.text.strip(), "ttft_s": c.timings.ttft_s, "seconds": time.perf_counter() - t0,
+            "tokens": c.usage.completion_tokens}  # fmt: skip
 
 
-SIGNALS = ("tse", "flip_rate", "mean_entropy")
-_INT_RE = re.compile(r"\d+(?:\.\d+)?")
+def phase1(task, *, planner, realizer, params, samplers, scorer) -> dict[str, Any]:
+    from hybrid import prompts
+    from hybrid.compare import check_answer
+
+    it: dict[str, Any] = {"id": task.id, "kind": task.kind, "question": task.question, "answer": task.answer}
+    ar = _realize(realizer, params, task.question, None)
+    it["ar"] = {**ar, "correct": bool(check_answer(task, ar["text"]))}
+    t0 = time.perf_counter()
+    d = planner.plan(prompts.answer_messages(task.question), config=samplers["diffusion"])
+    sc = scorer(d.trajectory)
+    it["diffusion"] = {
+        "text": d.text, "correct": bool(check_answer(task, d.text)), "nfe": d.stats["nfe"],
+        "seconds": time.perf_counter() - t0, **sc, "vote_correct": bool(check_answer(task, sc["vote"] or "")),
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    same = prompts.plan_messages(task.question) == prompts.answer_messages(task.question)
+    if same and samplers["hybrid"] == samplers["diffusion"]:
+        p, plan_s = d, it["diffusion"]["seconds"]  # the same request, greedy: the same draft (not run twice)
+    else:
+        p = planner.plan(prompts.plan_messages(task.question), config=samplers["hybrid"])
+        plan_s = time.perf_counter() - t0
+        sc = scorer(p.trajectory)
+    real = _realize(realizer, params, task.question, p.text)
+    it["hybrid"] = {"plan": p.text, "nfe": p.stats["nfe"], "plan_seconds": plan_s, **sc, "realized": real,
+                    "correct": bool(check_answer(task, real["text"]))}  # fmt: skip
+    it["_plan"] = p
+    return it
 
 
-def mentions(text: str, answer: str) -> bool:
-    """The answer appears as a number anywhere in the text (not only last): a looser check than final accuracy."""
-    return answer in _INT_RE.findall(text.replace(",", ""))
+def phase2(task, it, *, planner, realizer, params, samplers, scorer, signal, max_attempts, revise_cfg, tau_alt):
+    """The revise loop (`planners.revise.revise`, the graph's policy) on the hybrid plan with its whole budget
+    (threshold -1: nothing is accepted, so every attempt runs), the best plan after each attempt realized; and
+    one single draft at commit threshold `tau_alt` (the same-NFE alternative), realized."""
+    from hybrid import prompts
+    from hybrid.compare import check_answer
+    from planners.planner import PlanResult
+    from planners.revise import Draft, revise
+
+    p: PlanResult = it.pop("_plan")
+    base = samplers["hybrid"]
+    cands: list[Draft] = []
+
+    def redraw(masked: list[int], positions: list[int], seed: int) -> Draft:
+        prev = PlanResult("", [], p.prompt_ids, None, {}, span=list(masked))
+        cfg = dataclasses.replace(base, seed=seed, temperature=revise_cfg.temperature)
+        r = planner.redraw(prev, positions, config=cfg)
+        d = Draft(list(r.span), r.trajectory, info={"text": r.text})
+        cands.append(d)
+        return d
+
+    def score(d: Draft) -> float:
+        d.info["sc"] = scorer(d.trajectory)
+        return rank_of(d.info["sc"], signal)
+
+    first = Draft(list(p.span), p.trajectory, score=rank_of(it["hybrid"], signal), info={"text": p.text})
+    res = revise(first, score=score, threshold=-1.0, max_attempts=max_attempts, redraw=redraw, mode="remask",
+                 fraction=revise_cfg.fraction, rule=revise_cfg.rule, stop_ids=set(planner.model.config.stop_ids),
+                 seed=base.seed)  # fmt: skip
+    correct_of = {p.text: it["hybrid"]["correct"]}
+    best_text, best_rank, nfe, log = p.text, first.score, 0, []
+    for att, cand in zip(res.attempts, cands, strict=False):
+        nfe += att.nfe
+        text = cand.info["text"]
+        if att.improved:
+            best_text, best_rank = text, att.score
+            if text not in correct_of:
+                correct_of[text] = bool(check_answer(task, _realize(realizer, params, task.question, text)["text"]))
+        log.append({"attempt": att.index, "positions": att.positions, "rank": _jf(att.score), "text": text,
+                    "improved": att.improved, "degenerate": cand.info["sc"]["degenerate"],
+                    "signals": cand.info["sc"]["signals"], "best_rank": _jf(best_rank),
+                    "best_correct": correct_of[best_text], "nfe_total": nfe})  # fmt: skip
+    it["hybrid"]["rank"] = _jf(first.score)
+    it["hybrid"]["attempts"] = log
+    alt = planner.plan(prompts.plan_messages(task.question), config=dataclasses.replace(base, threshold=tau_alt))
+    asc = scorer(alt.trajectory)
+    real = _realize(realizer, params, task.question, alt.text)
+    it["alt"] = {"plan": alt.text, "nfe": alt.stats["nfe"], "rank": _jf(rank_of(asc, signal)),
+                 "correct": bool(check_answer(task, real["text"]))}  # fmt: skip
+    return it
 
 
-def ar_reference(planner, problems: list[list[Problem]], *, suffix: str, gen_length: int, threads: int) -> dict:
-    """The AR model the planner was adapted from (SmolLM2-135M-Instruct, the packaged Q4_1 GGUF through llama-cpp),
-    greedy, the same prompts and the same token budget: how often the teacher itself gets there."""
-    import llama_cpp
+def _jf(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
 
-    from planners.assets import smollm2_gguf_path
-    from planners.tse import extract_last_number
 
-    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=512, n_threads=threads, verbose=False)
-    stop = set(planner.model.config.stop_ids)
-    per_seed, t0 = [], time.perf_counter()
-    for probs in problems:
-        final = mentioned = 0
-        for prob in probs:
-            toks: list[int] = []
-            for t in llm.generate(planner.encode(prob.question + suffix), temp=0.0, top_k=1, repeat_penalty=1.0,
-                                  reset=True):  # fmt: skip
-                if t in stop or len(toks) >= gen_length:
+# ------------------------------------------------------------------------------------------- analysis
+
+
+def _inf(x: float | None) -> float:
+    return math.inf if x is None else float(x)
+
+
+def auroc_rows(items: list[dict], mode: str, n_boot: int) -> dict[str, Any]:
+    """AUROC (with bootstrap CI) of every signal, and of the degeneracy flag, for a wrong `mode` answer."""
+    keys = [*SIGNALS, "degenerate"]
+
+    def val(it: dict, k: str) -> float | None:
+        m = it[mode]
+        return float(bool(m["degenerate"])) if k == "degenerate" else m["signals"].get(k)
+
+    def stat(xs: list[dict]) -> dict[str, float | None]:
+        out = {}
+        for k in keys:
+            pairs = [(val(it, k), not it[mode]["correct"]) for it in xs if val(it, k) is not None]
+            out[k] = auroc([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+        return out
+
+    ci = bootstrap_ci(items, stat, n_boot=n_boot, seed=1)
+    n_wrong = sum(not it[mode]["correct"] for it in items)
+    return {"n": len(items), "n_right": len(items) - n_wrong, "n_wrong": n_wrong, "auroc": ci}
+
+
+def simulate(items: list[dict], t: float, budget: int) -> dict[str, Any]:
+    """Hybrid mode as the graph runs it, at acceptance threshold `t` with `budget` revisions: the first draft
+    at or under `t` (initial, then the best after each attempt) is handed over; otherwise the realizer answers
+    alone (unplanned)."""
+    correct, trusted, nfe_rev = [], [], []
+    for it in items:
+        h = it["hybrid"]
+        ok, tr, spent = it["ar"]["correct"], False, 0
+        if _inf(h["rank"]) <= t:
+            ok, tr = h["correct"], True
+        else:
+            for a in h["attempts"][:budget]:
+                spent = a["nfe_total"]
+                if _inf(a["best_rank"]) <= t:
+                    ok, tr = a["best_correct"], True
                     break
-                toks.append(t)
-            text = planner.decode(toks)
-            final += extract_last_number(text) == str(prob.answer)
-            mentioned += mentions(text, str(prob.answer))
-        per_seed.append({"final_acc": final / len(probs), "mentioned": mentioned / len(probs)})
-    return {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llama-cpp), greedy",
-        "per_seed": per_seed,
-        "final_acc": mean_std([r["final_acc"] for r in per_seed]),
-        "mentioned": mean_std([r["mentioned"] for r in per_seed]),
-        "seconds": time.perf_counter() - t0,
-    }
-
-
-def summarise(items: list[dict]) -> dict[str, Any]:
-    """Accuracies, AUROCs (signal -> wrong final answer) and signal means over one group of items."""
+        correct.append(ok)
+        trusted.append(tr)
+        nfe_rev.append(spent)
     n = len(items)
-    wrong = [not it["final_correct"] for it in items]
-    out: dict[str, Any] = {
-        "n": n,
-        "final_acc": sum(it["final_correct"] for it in items) / n if n else None,
-        "vote_acc": sum(it["vote_correct"] for it in items) / n if n else None,
-        "oracle_acc": sum(it["oracle_correct"] for it in items) / n if n else None,
-        "mentioned": sum(it["mentioned"] for it in items) / n if n else None,
-        "parsed": sum(it["final"] is not None for it in items) / n if n else None,
-        "n_wrong": sum(wrong),
+    tr_items = [c for c, t_ in zip(correct, trusted, strict=True) if t_]
+    ar_on_tr = [it["ar"]["correct"] for it, t_ in zip(items, trusted, strict=True) if t_]
+    un = [c for c, t_ in zip(correct, trusted, strict=True) if not t_]
+    return {
+        "threshold": _jf(t) if math.isfinite(t) else ("inf" if t > 0 else "-inf"),
+        "budget": budget,
+        "accuracy": sum(correct) / n if n else None,
+        "trusted": len(tr_items),
+        "accuracy_trusted": sum(tr_items) / len(tr_items) if tr_items else None,
+        "ar_accuracy_on_trusted": sum(ar_on_tr) / len(ar_on_tr) if ar_on_tr else None,
+        "unplanned": len(un),
+        "accuracy_unplanned": sum(un) / len(un) if un else None,
+        "revision_nfe_mean": statistics.fmean(nfe_rev) if nfe_rev else 0.0,
     }
+
+
+def candidate_thresholds(items: list[dict]) -> list[float]:
+    vals = {_inf(it["hybrid"]["rank"]) for it in items}
+    vals |= {_inf(a["best_rank"]) for it in items for a in it["hybrid"]["attempts"]}
+    return [-math.inf, *sorted(v for v in vals if math.isfinite(v))]
+
+
+def calibrate(items: list[dict], budget: int) -> float:
+    """The threshold with the best hybrid accuracy after revision (ties: the largest, i.e. the most plans used)."""
+    best_t, best_acc = -math.inf, -1.0
+    for t in candidate_thresholds(items):
+        acc = simulate(items, t, budget)["accuracy"] or 0.0
+        if acc >= best_acc - 1e-12:
+            best_t, best_acc = t, max(acc, best_acc)
+    return best_t
+
+
+def cross_validated(items: list[dict], budget: int, seed: int = 0) -> dict[str, Any]:
+    """Two-fold: calibrate on one half, score the other half (both ways); the accuracy an unseen set would get."""
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    halves = [[items[i] for i in idx[::2]], [items[i] for i in idx[1::2]]]
+    out = []
+    for a, b in ((0, 1), (1, 0)):
+        t = calibrate(halves[a], budget)
+        out.append({"threshold": _jf(t) if math.isfinite(t) else str(t), **simulate(halves[b], t, budget)})
+    n = sum(len(h) for h in halves)
+    acc = sum(r["accuracy"] * len(halves[b]) for r, b in zip(out, (1, 0), strict=True)) / n if n else None
+    return {"accuracy": acc, "folds": out}
+
+
+def gate_by_signal(items: list[dict]) -> dict[str, Any]:
+    """Hybrid mode gated by each signal in turn, without revision (the calibrated threshold and its accuracy)."""
+    out = {}
     for sig in SIGNALS:
-        pairs = [(it[sig], w) for it, w in zip(items, wrong, strict=True) if it[sig] is not None]
-        out[f"auroc_{sig}"] = auroc([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
-        out[f"mean_{sig}"] = statistics.fmean(p[0] for p in pairs) if pairs else None
-    # the same, only over items whose plan ends in a number: "nothing parsed" gives a high TSE (singleton
-    # clusters) and is always wrong, which alone can push the AUROC up; this asks whether TSE tells right
-    # numbers from wrong ones
-    parsed = [it for it in items if it["final"] is not None]
-    out["auroc_tse_parsed"] = auroc([it["tse"] for it in parsed], [not it["final_correct"] for it in parsed])
-    right_tse = [it["tse"] for it in items if it["final_correct"]]
-    wrong_tse = [it["tse"] for it in items if not it["final_correct"]]
-    out["tse_when_right"] = statistics.fmean(right_tse) if right_tse else None
-    out["tse_when_wrong"] = statistics.fmean(wrong_tse) if wrong_tse else None
+        xs = [{**it, "hybrid": {**it["hybrid"], "rank": _jf(rank_of(it["hybrid"], sig)), "attempts": []}}
+              for it in items]  # fmt: skip
+        t = calibrate(xs, 0)
+        out[sig] = simulate(xs, t, 0)
     return out
 
 
-def _fmt(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return "undef"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
+def _acc(xs: Sequence[bool]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
-def _pm(d: dict, nd: int = 3) -> str:
-    if d["mean"] is None:
-        return "undef"
-    s = f"{d['mean']:.{nd}f} ± {d['std']:.{nd}f}"
-    return s if d["n"] == d.get("of", d["n"]) else f"{s} ({d['n']}/{d['of']} seeds defined)"
-
-
-def _ci(d: dict, nd: int = 3) -> str:
-    if d["value"] is None:
-        return "undef"
-    if d["lo"] is None:
-        return f"{d['value']:.{nd}f}"
-    return f"{d['value']:.{nd}f} [{d['lo']:.{nd}f}, {d['hi']:.{nd}f}]"
-
-
-COLUMNS = ("final_acc", "vote_acc", "oracle_acc", "mentioned", "parsed", "auroc_tse", "auroc_tse_parsed",
-           "auroc_flip_rate", "auroc_mean_entropy", "mean_tse", "mean_flip_rate", "mean_mean_entropy")  # fmt: skip
-HEADERS = ("final acc", "vote acc", "oracle", "mentioned", "parsed", "AUROC TSE", "AUROC TSE parsed", "AUROC flip",
-           "AUROC ent", "TSE bits", "flip rate", "entropy")  # fmt: skip
+# ----------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=40, help="problems per seed")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..k-1 (problem set and sampling noise)")
-    p.add_argument("--same-problems", action="store_true", help="one problem set (seed 0) for every seed")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length, 1 token per step)")
-    p.add_argument("--gen-length", type=int, default=32, help="tokens the planner writes (a multiple of 8)")
-    p.add_argument("--block-length", type=int, default=8, help="block length (8 for the embedded planner)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature (0: greedy; > 0 adds sampling noise per seed)")  # fmt: skip
-    p.add_argument("--commit", default="static", choices=["static", "threshold"])
-    p.add_argument("--threshold", type=float, default=0.9, help="commit=threshold: tau")
-    p.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
-                   help="none: x0-hat covers the whole span every step (future blocks predicted too); prefix: "
-                        "faster, future blocks stay masked in x0-hat")  # fmt: skip
-    p.add_argument("--skip-ratio", type=float, default=0.5)
-    p.add_argument("--weighting", default="exp", choices=["exp", "linear", "uniform"])
-    p.add_argument("--alpha", type=float, default=5.0)
-    p.add_argument("--suffix", default="", help="text appended to every question (default: none)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--adapter",
-        default=None,
-        help="adapter .safetensors, or a training best_adapter.pt / checkpoint.pt (default: the shipped one)",
+    p.add_argument("--n", type=int, default=None, help="topic-stratified subsample of the task set (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="subsample seed")
+    p.add_argument("--config", default=None, help="HybridConfig file (default: the product defaults)")
+    p.add_argument("--max-tokens", type=int, default=64, help="realizer tokens per answer (short factual answers)")
+    p.add_argument(
+        "--signal",
+        default="low_confidence",
+        choices=SIGNALS,
+        help="the signal the revise loop and the acceptance gate use (phase 2)",
     )
-    g.add_argument("--no-adapter", action="store_true", help="the untrained base model as planner")
-    g.add_argument("--smoke", action="store_true", help="tiny random model, 4 problems x 2 seeds (a quick check)")
-    p.add_argument("--ar-reference", action="store_true",
-                   help="also run the AR model (llama-cpp, greedy) on the same prompts and token budget")  # fmt: skip
+    p.add_argument("--answer-length", type=int, default=48, help="diffusion mode's answer tokens (short answers)")
+    p.add_argument("--items", default=None, help="JSONL of per-task records: appended as tasks finish, resumed from")
+    p.add_argument("--budget", type=int, default=None, help="revisions (default: config revise.max_revisions)")
+    p.add_argument("--tau-alt", type=float, default=0.99, help="commit threshold of the same-NFE single draft")
+    p.add_argument("--smoke", action="store_true", help="tiny random planner, 6 tasks (a quick check)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the pooled CIs")
-    p.add_argument("--out", default=None, help="write the whole result (with items) as JSON here")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--no-run", action="store_true", help="only analyse the records already in --items")
+    p.add_argument("--out", default=None)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -428,118 +407,166 @@ def main(argv=None) -> dict:
     import torch
     from tqdm import tqdm
 
+    from hybrid.config import HybridConfig
+    from hybrid.runtime import sampler_config
+    from hybrid.tasks import factual_tasks, subsample
+    from planners.embedding import default_embedder
     from planners.tse import TSEConfig
+    from realizers.base import SamplingParams
+    from realizers.embedded import embedded_realizer
 
     torch.set_num_threads(a.threads)
+    over: dict[str, Any] = {"realizer.max_tokens": a.max_tokens, "planner.answer_length": a.answer_length}
     if a.smoke:
-        a.n, a.seeds, a.gen_length = min(a.n, 4), min(a.seeds, 2), 16
-        a.steps = a.steps or 16
-    steps = a.steps or a.gen_length
-    if a.temperature <= 0 and a.seeds > 1 and a.same_problems:
-        raise SystemExit("--same-problems with temperature 0: every seed would give the same result")
-
+        over.update({"planner.gen_length": 16, "planner.answer_length": 16, "planner.steps": 16,
+                     "realizer.max_tokens": 8})  # fmt: skip
+    cfg = HybridConfig.load(a.config, **over)
+    tasks = subsample(factual_tasks(), 6 if a.smoke else a.n, a.seed)
+    signal = a.signal
+    budget = cfg.revise.max_revisions if a.budget is None else a.budget
+    done: dict[str, dict] = {}
+    items_path = Path(a.items) if a.items else None
+    if items_path and items_path.exists():  # resume: tasks already measured are read back, not rerun
+        for line in items_path.read_text().splitlines():
+            if line.strip():
+                it = json.loads(line)
+                done[it["id"]] = it
     t_load = time.perf_counter()
-    if a.smoke:
-        planner, desc = tiny_planner(a.gen_length), "tiny random model (smoke)"
-    else:
-        planner, desc = load_planner(a.adapter, a.no_adapter)
+    todo = [] if a.no_run else [t for t in tasks if t.id not in done]
+    planner = realizer = None
+    if todo:
+        if a.smoke:
+            planner = tiny_planner(16)
+        else:
+            from hybrid.runtime import build_planner
+
+            planner = build_planner(cfg)
+        realizer = embedded_realizer(cfg.realizer.backend)
+    r = cfg.realizer
+    params = SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
     load_s = time.perf_counter() - t_load
-    sampler = dict(gen_length=a.gen_length, steps=steps, block_length=a.block_length, temperature=a.temperature,
-                   commit=a.commit, threshold=a.threshold, cache=a.cache, record_trajectory=True)  # fmt: skip
-    tse_cfg = TSEConfig(skip_ratio=a.skip_ratio, weighting=a.weighting, alpha=a.alpha, extractor="last_number",
-                        clusterer="exact")  # fmt: skip
+    s = cfg.score
+    tse_cfg = TSEConfig(skip_ratio=s.skip_ratio, weighting=s.weighting, alpha=s.alpha, extractor=s.extractor,
+                        clusterer=s.clusterer, threshold=s.similarity)  # fmt: skip
+    scorer = Scorer(planner, tse_cfg, default_embedder()) if planner is not None else None
+    samplers = {m: sampler_config(cfg, m) for m in ("hybrid", "diffusion")}
 
-    items: list[dict] = []
-    per_seed: list[dict] = []
-    bar = tqdm(total=a.n * a.seeds, desc="bench_tse", disable=a.no_progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    problem_sets = [make_problems(a.n, 0 if a.same_problems else s) for s in range(a.seeds)]
-    for s, probs in enumerate(problem_sets):
-        t_seed = time.perf_counter()
-        group = []
-        for i, prob in enumerate(probs):
-            it = run_item(planner, prob, prompt=prob.question + a.suffix, sampler=sampler, tse_cfg=tse_cfg,
-                          seed=s * 100_003 + i)  # fmt: skip
-            it["run_seed"], it["index"] = s, i
-            group.append(it)
-            bar.update(1)
-            bar.set_postfix(acc=f"{sum(x['final_correct'] for x in group)}/{len(group)}")
-        per_seed.append({"seed": s, **summarise(group), "seconds": time.perf_counter() - t_seed})
-        items += group
-    bar.close()
-    wall = time.perf_counter() - t0
-
-    keys = (
-        ("final_acc", "vote_acc", "oracle_acc", "mentioned", "parsed", "auroc_tse_parsed")
-        + tuple(f"auroc_{x}" for x in SIGNALS)
-        + tuple(f"mean_{x}" for x in SIGNALS)
-    )
-    over_seeds = {k: {**mean_std([r[k] for r in per_seed]), "of": len(per_seed)} for k in keys}
-    pooled = summarise(items)
-    boot_keys = ("final_acc", "vote_acc", "oracle_acc", "auroc_tse", "auroc_tse_parsed", "auroc_flip_rate",
-                 "auroc_mean_entropy")  # fmt: skip
-
-    def stat(xs: list[dict]) -> dict:
-        s = summarise(xs)
-        return {k: s[k] for k in boot_keys}
-
-    boot = bootstrap_ci(items, stat, n_boot=a.bootstrap, seed=1)
-    ar = None
-    if a.ar_reference and not a.smoke:
-        ar = ar_reference(planner, problem_sets, suffix=a.suffix, gen_length=a.gen_length, threads=a.threads)
-    result = {
-        "bench": "tse",
-        "planner": planner.name,
-        "planner_source": desc,
-        "settings": {
-            "n": a.n,
-            "seeds": a.seeds,
-            "same_problems": a.same_problems,
-            "prompt_suffix": a.suffix,
-            **sampler,
-            "tse": tse_cfg.to_dict(),
-            "threads": a.threads,
-            "bootstrap": a.bootstrap,
-        },  # fmt: skip
-        "per_seed": per_seed,
-        "over_seeds": over_seeds,
-        "pooled": pooled,
-        "pooled_bootstrap_95": boot,
-        "seconds": {"load": load_s, "run": wall, "per_item": wall / max(len(items), 1)},
-        "nfe_per_item": statistics.fmean(it["nfe"] for it in items) if items else None,
-        "ar_reference": ar,
-    }
-
-    print(f"planner: {planner.name} — {desc}")
-    print(
-        f"{a.n} problems x {a.seeds} seeds, gen {a.gen_length}, steps {steps}, blocks of {a.block_length}, "
-        f"T={a.temperature}, commit {a.commit}, cache {a.cache}; TSE: last_number / exact, skip {a.skip_ratio}, "
-        f"{a.weighting} alpha {a.alpha}; {wall:.0f} s"
-    )
-    print("| seed | " + " | ".join(HEADERS) + " |")
-    print("| ---: | " + " | ".join("---:" for _ in HEADERS) + " |")
-    for r in per_seed:
-        print(f"| {r['seed']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
-    print("| mean ± std | " + " | ".join(_pm(over_seeds[c]) for c in COLUMNS) + " |")
-    print("| pooled | " + " | ".join(_fmt(pooled[c]) for c in COLUMNS) + " |")
-    print(
-        "pooled bootstrap 95% CI: "
-        + "; ".join(f"{k} {_ci(v)}" for k, v in boot.items())
-        + f"; wrong answers {pooled['n_wrong']}/{pooled['n']}; mean TSE right {_fmt(pooled['tse_when_right'])} / "
-        f"wrong {_fmt(pooled['tse_when_wrong'])} bits"
-    )
-    if ar is not None:
-        print(
-            f"AR reference ({ar['model']}, {a.gen_length} tokens): final acc {_pm(ar['final_acc'])}, "
-            f"answer mentioned {_pm(ar['mentioned'])}"
-        )
-    if pooled["auroc_tse"] is None:
-        print("AUROC undefined: every final answer is " + ("wrong" if pooled["n_wrong"] == pooled["n"] else "right"))
+    bar = tqdm(todo, desc="bench_tse", disable=a.no_progress, file=sys.stderr, dynamic_ncols=True)
+    for task in bar:
+        it = phase1(task, planner=planner, realizer=realizer, params=params, samplers=samplers, scorer=scorer)
+        phase2(task, it, planner=planner, realizer=realizer, params=params, samplers=samplers, scorer=scorer,
+               signal=signal, max_attempts=budget, revise_cfg=cfg.revise, tau_alt=a.tau_alt)  # fmt: skip
+        done[it["id"]] = it
+        if items_path:
+            with items_path.open("a") as f:
+                f.write(json.dumps(it, default=str) + "\n")
+        xs = list(done.values())
+        bar.set_postfix(ar=sum(i["ar"]["correct"] for i in xs), dif=sum(i["diffusion"]["correct"] for i in xs),
+                        hyb=sum(i["hybrid"]["correct"] for i in xs))  # fmt: skip
+    run_s = time.perf_counter() - t0
+    items = [done[t.id] for t in tasks if t.id in done]
+    result = analyse(items, signal=signal, budget=budget, n_boot=a.bootstrap, tau_alt=a.tau_alt)
+    result.update({
+        "planner": planner.name if planner is not None else "(resumed)",
+        "settings": {"samplers": {m: c.to_dict() for m, c in samplers.items()}, "tse": tse_cfg.to_dict(),
+                     "realizer_max_tokens": r.max_tokens, "budget": budget, "revise": cfg.revise.model_dump(),
+                     "bootstrap": a.bootstrap, "subsample_seed": a.seed, "requested_n": len(tasks)},
+        "seconds": {"load": load_s, "run": run_s, "new_items": len(todo)},
+    })  # fmt: skip
+    report(result)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({**result, "items": items}, indent=1))
-    print(json.dumps(result))
+        Path(a.out).write_text(json.dumps({**result, "items": items}, indent=1, default=str))
+    print(json.dumps(result, default=str))
     return result
+
+
+def analyse(items: list[dict], *, signal: str, budget: int, n_boot: int, tau_alt: float) -> dict[str, Any]:
+    """Every figure of the report from the per-task records (phase 1 + phase 2 of each task)."""
+    aurocs = {m: auroc_rows(items, m, n_boot) for m in ("diffusion", "hybrid")}
+    ranked = {m: sorted(SIGNALS, key=lambda k: -(aurocs[m]["auroc"][k]["value"] or 0.0)) for m in aurocs}
+    t_best = calibrate(items, budget)
+    modes = {
+        "ar": _acc([it["ar"]["correct"] for it in items]),
+        "diffusion": _acc([it["diffusion"]["correct"] for it in items]),
+        "diffusion_vote": _acc([it["diffusion"]["vote_correct"] for it in items]),
+        "hybrid_plan_always": _acc([it["hybrid"]["correct"] for it in items]),
+        "hybrid_gated": simulate(items, t_best, budget),
+        "hybrid_gated_no_revision": simulate(items, t_best, 0),
+        "hybrid_gated_cv2": cross_validated(items, budget),
+    }
+    last = [it["hybrid"]["attempts"][-1] if it["hybrid"]["attempts"] else None for it in items]
+    revision = {
+        "plan_always_before": _acc([it["hybrid"]["correct"] for it in items]),
+        "plan_always_after": _acc(
+            [a["best_correct"] if a else it["hybrid"]["correct"] for a, it in zip(last, items, strict=True)]
+        ),  # fmt: skip
+        "gated_before": modes["hybrid_gated_no_revision"]["accuracy"],
+        "gated_after": modes["hybrid_gated"]["accuracy"],
+        "best_threshold_without_revision": simulate(items, calibrate(items, 0), 0),
+        "nfe_first_draft": statistics.fmean(it["hybrid"]["nfe"] for it in items),
+        "nfe_revisions_all_attempts": statistics.fmean(a["nfe_total"] if a else 0 for a in last),
+        "improved_share": _acc([any(x["improved"] for x in it["hybrid"]["attempts"]) for it in items]),
+        "alt_tau": tau_alt,
+        "alt_nfe": statistics.fmean(it["alt"]["nfe"] for it in items),
+        "alt_plan_always": _acc([it["alt"]["correct"] for it in items]),
+        "alt_gated": _acc(
+            [it["alt"]["correct"] if _inf(it["alt"]["rank"]) <= t_best else it["ar"]["correct"] for it in items]
+        ),  # fmt: skip
+    }
+    return {
+        "bench": "tse",
+        "n": len(items),
+        "topics": {k: sum(it["kind"] == k for it in items) for k in sorted({it["kind"] for it in items})},
+        "auroc": aurocs,
+        "signal_ranking": ranked,
+        "signal": signal,
+        "threshold": _jf(t_best) if math.isfinite(t_best) else str(t_best),
+        "accuracy": modes,
+        "accuracy_by_topic": {
+            k: {m: _acc([it[m]["correct"] for it in items if it["kind"] == k]) for m in ("ar", "diffusion", "hybrid")}
+            for k in sorted({it["kind"] for it in items})
+        },
+        "revision": revision,
+        "gate_by_signal_no_revision": gate_by_signal(items),
+        "threshold_sweep": [simulate(items, t, budget) for t in candidate_thresholds(items)],
+        "degenerate_share": {m: _acc([bool(it[m]["degenerate"]) for it in items]) for m in ("diffusion", "hybrid")},
+        "median_seconds": {
+            "ar_answer": statistics.median(it["ar"]["seconds"] for it in items),
+            "ar_ttft": statistics.median(it["ar"]["ttft_s"] or 0 for it in items),
+            "diffusion_answer": statistics.median(it["diffusion"]["seconds"] for it in items),
+            "hybrid_plan": statistics.median(it["hybrid"]["plan_seconds"] for it in items),
+        },
+    }
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def report(r: dict) -> None:
+    print(f"planner {r.get('planner')}; {r['n']} tasks {r['topics']}")
+    for m, t in r["auroc"].items():
+        print(f"\nAUROC for a wrong {m} answer ({t['n_right']} right, {t['n_wrong']} wrong; 95% bootstrap CI):")
+        print("| signal | AUROC | 95% CI |")
+        print("| --- | ---: | --- |")
+        for k, v in t["auroc"].items():
+            print(f"| {k} | {_f(v['value'])} | [{_f(v['lo'])}, {_f(v['hi'])}] |")
+    acc = r["accuracy"]
+    print(f"\nsignal {r['signal']}, threshold {r['threshold']}")
+    gated, cv, norev = acc["hybrid_gated"], acc["hybrid_gated_cv2"], acc["hybrid_gated_no_revision"]
+    print(
+        f"accuracy: ar {_f(acc['ar'])} | diffusion {_f(acc['diffusion'])} (vote {_f(acc['diffusion_vote'])}) | "
+        f"hybrid, plan always handed over {_f(acc['hybrid_plan_always'])} | hybrid gated {_f(gated['accuracy'])} "
+        f"(2-fold CV {_f(cv['accuracy'])}; no revision {_f(norev['accuracy'])})"
+    )
+    g = acc["hybrid_gated"]
+    print(
+        f"hybrid gated: {g['trusted']} trusted plans, accuracy {_f(g['accuracy_trusted'])} (ar on the same "
+        f"{_f(g['ar_accuracy_on_trusted'])}); {g['unplanned']} unplanned, accuracy {_f(g['accuracy_unplanned'])}"
+    )
+    print("revision: " + json.dumps({k: v for k, v in r["revision"].items() if not isinstance(v, dict)}))
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="planner denoising steps (max steps for threshold commits)")
     p.add_argument("--gen-length", type=int, help="planner generation length in tokens")
     p.add_argument("--block-length", type=int, help="planner block length (semi-autoregressive blocks)")
-    p.add_argument("--strategy", help="planner commit rule (static, threshold, dilated, entropy_bounded)")
-    p.add_argument("--threshold", type=float, help="confidence threshold for threshold commits")
-    p.add_argument("--tse-threshold", type=float, help="accept plans with TSE (bits) at or below this")
+    p.add_argument("--strategy", help="planner commit rule (learned, static, threshold, dilated, entropy_bounded)")
+    p.add_argument("--threshold", type=float, help="commit threshold: P(final) for learned commits, confidence for threshold commits")
+    p.add_argument("--tse-threshold", type=float, help="deprecated spelling of --score-threshold")
+    p.add_argument("--score-threshold", type=float, help="accept plans whose score value is at or below this")
+    p.add_argument("--adapter", help="planner adapter .safetensors ('none' = the untrained base, explicitly)")
     p.add_argument("--max-revisions", type=int, help="revision budget")
     p.add_argument("--planner-model", help="planner checkpoint directory (LLaDA / Dream / Llama) or .gguf")
     p.add_argument("--realizer-url", help="OpenAI-compatible server (e.g. vLLM) base URL; default: embedded model")
@@ -64,6 +66,8 @@ def config_from_args(args: argparse.Namespace) -> HybridConfig:
         "planner.model": args.planner_model,
         "planner.seed": args.seed,
         "score.tse_threshold": args.tse_threshold,
+        "score.threshold": getattr(args, "score_threshold", None),
+        "planner.adapter": getattr(args, "adapter", None),
         "revise.max_revisions": args.max_revisions,
         "realizer.max_tokens": args.max_tokens,
         "realizer.model": args.realizer_model,
@@ -173,7 +177,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.json:
             return
         t = ev.get("type")
-        if t == "revise":
+        if t == "plan_block" and cfg.mode == "hybrid" and not args.quiet:
+            # the plan as it forms, on stderr (the answer alone goes to stdout)
+            if ev["block"] == 0 or not streamed.get("plan"):
+                say("the plan, as it forms:")
+                streamed["plan"] = True
+            sys.stderr.write(ev["delta"].replace("\n", " "))
+            if ev.get("ended"):
+                sys.stderr.write(f"  [{ev['tokens']} tokens, {ev['nfe']} passes, {ev['plan_ms']:.0f} ms]\n")
+                streamed["plan"] = False
+            sys.stderr.flush()
+        elif t == "revise":
             say(f"revision {ev['revision']}: remasked {ev['positions']} tokens")
         elif t == "token":
             if not streamed["any"]:
@@ -183,6 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             out.flush()
         elif t == "plan" and cfg.mode == "hybrid":
             say(f"plan drafted in {ev['plan_ms']:.0f} ms ({ev['nfe']} forward passes)")
+        elif t == "status" and ev.get("stage") == "realize" and ev.get("mode") == "hybrid" and ev.get("plan") is None:
+            out.write(f"No plan the score trusts after {ev.get('revisions', 0)} revision(s): answering unplanned\n")
+            out.flush()
         elif t == "status" and ev.get("stage") == "realize" and ev.get("plan") is not None:
             tse = ev.get("tse")
             verdict = "accepted" if ev.get("accepted") else "best draft, not accepted"

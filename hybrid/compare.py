@@ -255,6 +255,8 @@ def make_row(
         "tok_s": n_tok / (total_ms / 1000) if total_ms and n_tok else None,
         "decode_tok_s": _num(t.get("tokens_per_s")),
         "tse": _num(final.get("tse")) if mode != "ar" else None,
+        "value": _num(score.get("value")) if mode != "ar" else None,  # the default signal (score["value"])
+        "planned": bool(final.get("plan")) if mode == "hybrid" else None,  # False: untrusted, answered unplanned
         "flip_rate": _num(score.get("flip_rate")),
         "revisions": final.get("revisions") if mode != "ar" else None,
         "accepted": final.get("accepted") if mode != "ar" else None,
@@ -308,7 +310,6 @@ async def sweep(
     steps_list = list(steps_list or [cfg.planner.steps])
     if planner_modes:
         check_steps(ctx, steps_list, planner_modes)
-    base_sampler = ctx.planner.sampler if ctx.planner is not None else None
     plan: list[tuple[Task, str, int | None]] = []
     for task in tasks:
         if "ar" in modes:
@@ -325,9 +326,6 @@ async def sweep(
     try:
         for task, mode, s in plan:
             bar.set_postfix_str(f"{task.id} {mode}" + (f" s={s}" if s else ""), refresh=False)
-            if base_sampler is not None:
-                steps_now = s if s is not None else base_sampler.steps
-                ctx.planner.sampler = dataclasses.replace(base_sampler, steps=steps_now)
             run_ctx = dataclasses.replace(ctx, config=_variant(cfg, task, s))
             t0 = time.perf_counter()
             final, first, error = {}, None, None
@@ -345,8 +343,6 @@ async def sweep(
             bar.update(1)
     finally:
         bar.close()
-        if base_sampler is not None:
-            ctx.planner.sampler = base_sampler
     return rows, states
 
 
@@ -354,15 +350,14 @@ def check_steps(ctx: Any, steps_list: Sequence[int], modes: Sequence[str] = PLAN
     """Refuse step counts the sampler would reject, before any run (one line naming the bad ones). Diffusion
     mode writes `planner.answer_length` tokens with the steps scaled to match (hybrid.nodes), so both shapes
     are checked."""
-    base, p = ctx.planner.sampler, ctx.config.planner
+    from hybrid.runtime import sampler_config
+
     bad = []
     for s in steps_list:
-        shapes = [{"steps": s}]
-        if "diffusion" in modes and p.answer_length != p.gen_length:
-            shapes.append({"gen_length": p.answer_length, "steps": max(1, s * p.answer_length // p.gen_length)})
-        for shape in shapes:
+        cfg = ctx.config.model_copy(update={"planner": ctx.config.planner.model_copy(update={"steps": s})})
+        for mode in [m for m in modes if m in PLANNER_MODES] or ["hybrid"]:
             try:
-                dataclasses.replace(base, **shape)
+                sampler_config(cfg, mode)  # the settings each run would plan with (hybrid.nodes)
             except ValueError as e:
                 bad.append(f"{s} ({e})")
                 break

@@ -42,13 +42,29 @@ class PlannerSettings(_Section):
     mask_token_id: int | None = Field(None, description="mask id for AR checkpoints without one in config.json")
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["auto", "torch", "llama_cpp"] = Field(
+        "auto",
+        description="what runs the planner's forward passes: torch, or llama.cpp on a GGUF export (block-causal "
+        "Llama-family planners on the CPU); auto = the fastest that meets the quality gates (benchmarks/README.md, "
+        "'Plan vs realizer')",
+    )
+    engine_weights: Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"] | None = Field(
+        None, description="engine llama_cpp: GGUF weight type of the export; None = the measured default"
+    )
     gen_length: int = Field(48, ge=1, le=4096)
     answer_length: int = Field(96, ge=1, le=4096, description="generation length in diffusion mode (the answer)")
     steps: int = Field(48, ge=1, le=4096)
     block_length: int = Field(8, ge=1, le=4096)
-    commit: str = "threshold"
+    commit: str = Field(
+        "learned", description="commit rule; learned = the shipped Learn2PD-style policy (benchmarks/README.md)"
+    )
     confidence: str = "max_prob"
-    threshold: float = Field(0.9, gt=0.0, le=1.0)
+    threshold: float = Field(
+        0.95, gt=0.0, le=1.0, description="threshold commits: confidence tau; learned commits: P(final) cut-off"
+    )
+    commit_policy: str | None = Field(
+        None, description="commit=learned: policy weights (.safetensors); None = the shipped planners/weights one"
+    )
     temperature: float = Field(0.0, ge=0.0)
     cfg_scale: float = Field(0.0, ge=0.0)
     cache: str = "prefix"
@@ -60,6 +76,13 @@ class PlannerSettings(_Section):
         from planners.strategies import COMMITS
 
         return _check_name("planner.commit", v, sorted(COMMITS))
+
+    @field_validator("commit_policy")
+    @classmethod
+    def _commit_policy(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"planner.commit_policy={v!r}: no such file (a .safetensors commit policy)")
+        return None if v is None else str(Path(v).expanduser())
 
     @field_validator("confidence")
     @classmethod
@@ -95,7 +118,34 @@ class ScoreSettings(_Section):
     extractor: str = "full_text"
     clusterer: str = "embedding"
     similarity: float = Field(0.85, gt=0.0, le=1.0, description="cosine threshold of the embedding clusterer")
-    tse_threshold: float = Field(1.0, ge=0.0, description="TSE (bits) at or below which a plan is accepted")
+    signal: str = Field(
+        "low_confidence",
+        description="the score a plan is accepted on (score['value'], higher = less trustworthy); measured in "
+        "benchmarks/README.md, 'TSE as a signal'",
+    )
+    threshold: float = Field(
+        0.2647,
+        ge=0.0,
+        description="accept a plan whose score['value'] is at or below this (calibrated on the factual task set: "
+        "benchmarks/README.md, 'TSE as a signal')",
+    )
+    tse_threshold: float | None = Field(
+        None, ge=0.0, description="deprecated alias of score.threshold (kept for old configs and flags)"
+    )
+    min_words: int = Field(2, ge=0, description="a plan with fewer words is degenerate (near-empty)")
+    reject_degenerate: bool = Field(True, description="repetition loops and near-empty plans are never accepted")
+
+    @property
+    def accept_at(self) -> float:
+        """The acceptance threshold in force (tse_threshold, if set, wins: it is the older spelling)."""
+        return self.threshold if self.tse_threshold is None else self.tse_threshold
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str) -> str:
+        from planners.tse import SIGNALS
+
+        return _check_name("score.signal", v, sorted(SIGNALS))
 
     @field_validator("extractor")
     @classmethod
@@ -113,15 +163,28 @@ class ScoreSettings(_Section):
 
 
 class ReviseSettings(_Section):
-    max_revisions: int = Field(2, ge=0, le=16)
+    max_revisions: int = Field(
+        0, ge=0, le=16, description="revise budget; 0 by default: revising did not raise accuracy (benchmarks/README)"
+    )
     fraction: float = Field(0.25, gt=0.0, le=1.0, description="share of the plan span remasked per revision")
     rule: Literal["latest", "low_confidence", "mixed"] = "latest"
     mode: Literal["remask", "resample"] = "remask"
+    temperature: float = Field(
+        0.0, ge=0.0, description="sampling temperature of remask redraws (each attempt has its own seed)"
+    )
 
 
 class RealizerSettings(_Section):
     kind: Literal["embedded", "openai"] = "embedded"
     backend: Literal["llama_cpp", "transformers"] = "llama_cpp"
+    extra_bufts: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="llama.cpp's CPU extra buffer types (AMX / weight repacking): auto = probe once per machine "
+        "in a child process (realizers/llamacpp.py); the environment variable HYBRID_LLAMA_EXTRA_BUFTS also forces it",
+    )
+    max_seqs: int = Field(
+        32, ge=1, le=256, description="embedded llama.cpp: requests decoded together (KV cache: max_seqs x 2048 cells)"
+    )
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     model: str | None = Field(None, description="served model name (openai) or a local model path (embedded)")
     api_key: str = "EMPTY"
@@ -131,6 +194,16 @@ class RealizerSettings(_Section):
     max_tokens: int = Field(256, ge=1, le=32768)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(
+        1.1,
+        ge=1.0,
+        le=2.0,
+        description="penalise recently generated tokens (llama.cpp / vLLM repetition penalty); 1.0 = off. 1.1 cut "
+        "answers that run to max_tokens from 54% to 38% at equal accuracy (benchmarks/README.md, 'Answers that end')",
+    )
+    stop_loops: bool = Field(
+        True, description="embedded realizers: end a stream that repeats itself back to back (realizers/loops.py)"
+    )
 
     @model_validator(mode="after")
     def _url(self) -> RealizerSettings:
@@ -181,7 +254,7 @@ def _env_layer() -> dict[str, Any]:
     for key, value in os.environ.items():
         if (
             not key.startswith("HYBRID_")
-            or key in ("HYBRID_CACHE_DIR", "HYBRID_KERNELS", "HYBRID_API_KEY")  # not config fields
+            or key in ("HYBRID_CACHE_DIR", "HYBRID_KERNELS", "HYBRID_API_KEY", "HYBRID_LLAMA_EXTRA_BUFTS")  # not fields
             or key.startswith(("HYBRID_VLLM", "HYBRID_REQUIRE", "HYBRID_TEST"))
         ):
             continue

@@ -1,13 +1,14 @@
 """The graph's nodes as plain functions over (state, runtime): reuse them in your own LangGraph graphs.
 
-    plan     diffusion planner drafts a plan (hybrid) or the answer itself (diffusion); records the trajectory
+    plan     diffusion planner drafts a plan (hybrid) or the answer itself (diffusion); records the trajectory;
+             streams each finished block (`plan_block`; diffusion mode: also as `token`, the answer streams)
     score    temporal semantic entropy of the trajectory (+ vote, flip rate, mean entropy); keeps the best draft
     revise   remasks the least settled part of the plan and denoises it again (or resamples), one attempt per visit
     realize  the AR realizer streams the answer (hybrid: following the plan; ar: alone; diffusion: the plan is
-             the answer and is streamed as is)
+             the answer, already streamed by the plan node)
 
 Every node reads models from `runtime.context` (`HybridContext`) and writes progress to LangGraph's custom
-stream (`{"type": "plan" | "score" | "revise" | "token" | "status" | "done", ...}`) as it happens: the
+stream (`{"type": "plan_block" | "plan" | "score" | "revise" | "token" | "status" | "done", ...}`) as it happens: the
 realizer's text deltas leave as `token` events while the realizer is still generating. Node functions never
 hold models in state.
 """
@@ -15,6 +16,7 @@ hold models in state.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any, Literal
 
@@ -23,8 +25,8 @@ from langgraph.runtime import Runtime
 
 from hybrid import prompts
 from hybrid.state import HybridContext, HybridState
-from planners.planner import PlanResult
-from planners.revise import select_remask_span
+from planners.planner import PlanProgress, PlanResult
+from planners.revise import Draft, propose
 from planners.trajectory import Trajectory
 from planners.tse import TSEConfig, score_trajectory
 
@@ -85,12 +87,13 @@ def begin(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------------- plan
-def _length_overrides(ctx: HybridContext, mode: str) -> dict[str, int]:
-    """Diffusion mode writes the whole answer: planner.answer_length tokens, steps scaled to match."""
-    p = ctx.config.planner
-    if mode != "diffusion":
-        return {}
-    return {"gen_length": p.answer_length, "steps": max(1, p.steps * p.answer_length // p.gen_length)}
+def _sampler(ctx: HybridContext, mode: str):
+    """This request's planner settings, built from its `HybridConfig` (`hybrid.runtime.sampler_config`;
+    diffusion mode writes planner.answer_length tokens, steps scaled to match). Never the loaded planner's
+    own `sampler`; nothing here mutates the planner."""
+    from hybrid.runtime import sampler_config
+
+    return sampler_config(ctx.config, mode)
 
 
 def _planner_messages(state: HybridState, mode: str) -> list[dict[str, str]]:
@@ -100,6 +103,10 @@ def _planner_messages(state: HybridState, mode: str) -> list[dict[str, str]]:
 
 
 async def plan(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
+    """Draft the plan (hybrid) or the answer (diffusion). Each block that becomes final leaves at once as a
+    `plan_block` event (the text so far and what the block added); in diffusion mode the same text also
+    leaves as `token` events, so the answer streams while the planner is still writing it. If the run is
+    cancelled, the planner stops after its current block."""
     ctx = runtime.context
     write = _writer()
     mode = _mode(state, ctx)
@@ -107,7 +114,29 @@ async def plan(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str,
     t0 = time.time()
     messages = _planner_messages(state, mode)
     write({"type": "status", "stage": "plan", "mode": mode})
-    result: PlanResult = await asyncio.to_thread(ctx.planner.plan, messages, **_length_overrides(ctx, mode))
+    loop = asyncio.get_running_loop()
+    cancelled = threading.Event()
+    streamed: dict[str, float] = {}  # diffusion mode: when the first / last answer text left, and its tokens
+
+    def on_block(p: PlanProgress) -> bool:
+        now = time.time()
+        event = {"type": "plan_block", "block": p.block, "text": p.text, "delta": p.delta, "tokens": p.tokens}
+        event.update(nfe=p.nfe, plan_ms=(now - t0) * 1000, ended=p.ended)
+        loop.call_soon_threadsafe(write, event)
+        if mode == "diffusion" and p.delta:
+            if not streamed:
+                streamed.update(first_token_at=now, first_tokens=float(p.tokens))
+            streamed.update(last_token_at=now, streamed_tokens=float(p.tokens))
+            loop.call_soon_threadsafe(write, {"type": "token", "text": p.delta})
+        return cancelled.is_set()
+
+    try:
+        result: PlanResult = await asyncio.to_thread(
+            ctx.planner.plan, messages, config=_sampler(ctx, mode), on_block=on_block
+        )
+    except asyncio.CancelledError:
+        cancelled.set()  # the worker thread finishes its block and stops
+        raise
     plan_ms = (time.time() - t0) * 1000
     write({"type": "plan", "text": result.text, "nfe": result.stats.get("nfe"), "plan_ms": plan_ms})
     return {
@@ -117,6 +146,7 @@ async def plan(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str,
             "started_at": started,
             "plan_ms": plan_ms,
             "nfe": float(result.stats.get("nfe", 0)),
+            **streamed,
         },
     }
 
@@ -134,38 +164,79 @@ def _tse_config(ctx: HybridContext) -> TSEConfig:
     )
 
 
+def score_summary(traj: Trajectory | None, ctx: HybridContext) -> dict[str, Any]:
+    """The `score` dict of a draft: `value` (the configured signal, higher = less trustworthy), `signal`,
+    every signal, TSE, the vote, and `degenerate` (why the draft is a repetition loop or near-empty, else None).
+    Drafts are compared and accepted on `_rank`: the value, or +inf for a degenerate or unscorable draft."""
+    from planners.tse import degeneracy
+
+    s_cfg = ctx.config.score
+    if traj is None or not traj.steps:
+        return {"tse": 0.0, "value": None, "signal": s_cfg.signal, "degenerate": None, "n_steps": 0,
+                "note": "no trajectory recorded"}  # fmt: skip
+    stop_ids = list(ctx.planner.model.config.stop_ids)
+    s = score_trajectory(traj, ctx.planner.decode, _tse_config(ctx), embed=ctx.embed, stop_ids=stop_ids)
+    end = next((i for i, t in enumerate(traj.final) if t in set(stop_ids)), traj.gen_length)
+    degenerate = degeneracy(ctx.planner.decode(traj.final[:end]), min_words=s_cfg.min_words)
+    signals = s.signals()
+    return {
+        "value": signals[s_cfg.signal],
+        "signal": s_cfg.signal,
+        "degenerate": degenerate,
+        "tse": s.tse,
+        "signals": signals,
+        "vote": s.vote,
+        "vote_share": s.vote_share,
+        "flip_rate": s.flip_rate,
+        "mean_entropy": s.mean_entropy,
+        "final_confidence": s.final_confidence,
+        "n_clusters": s.n_clusters,
+        "n_steps": s.n_steps,
+        "n_used": s.n_used,
+    }
+
+
+def _rank(summary: dict[str, Any], ctx: HybridContext) -> float:
+    """What drafts compare and are accepted on: the value, +inf when undefined or (by default) degenerate."""
+    v = summary.get("value")
+    if v is None or v != v or (summary.get("degenerate") and ctx.config.score.reject_degenerate):
+        return float("inf")
+    return float(v)
+
+
+def _stored(rank: float | None) -> float:
+    """A rank as kept in state (None for +inf, so state stays plain JSON)."""
+    return float("inf") if rank is None else float(rank)
+
+
 async def score(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
+    """Score the current draft, keep the best one so far (lowest rank; ties keep the earlier draft) and
+    accept it when its value is at or below `score.threshold` and it is not degenerate."""
     ctx = runtime.context
     t0 = time.time()
-    if not state.trajectory or not state.trajectory.get("steps"):
-        summary: dict[str, Any] = {"tse": 0.0, "n_steps": 0, "note": "no trajectory recorded"}
-    else:
-        traj = Trajectory.from_dict(state.trajectory)
-        s = await asyncio.to_thread(score_trajectory, traj, ctx.planner.decode, _tse_config(ctx), embed=ctx.embed)
-        summary = {
-            "tse": s.tse,
-            "vote": s.vote,
-            "vote_share": s.vote_share,
-            "flip_rate": s.flip_rate,
-            "mean_entropy": s.mean_entropy,
-            "n_clusters": s.n_clusters,
-            "n_steps": s.n_steps,
-            "n_used": s.n_used,
-        }
+    traj = Trajectory.from_dict(state.trajectory) if state.trajectory else None
+    summary = await asyncio.to_thread(score_summary, traj, ctx)
+    rank = _rank(summary, ctx)
+    threshold = ctx.config.score.accept_at
+    summary["threshold"] = threshold
     tse = float(summary["tse"])
-    draft = {**_draft_dict(_result_from_state(state)), "tse": tse, "score": summary}
-    best = state.best if state.best is not None and state.best["tse"] <= tse else draft  # ties keep the earlier
-    accepted = tse <= ctx.config.score.tse_threshold
+    draft = {**_draft_dict(_result_from_state(state)), "tse": tse, "value": summary["value"], "score": summary}
+    keep = state.best is not None and _stored(state.best.get("rank")) <= rank  # ties keep the earlier
+    best = state.best if keep else {**draft, "rank": None if rank == float("inf") else rank}
+    accepted = _stored(best["rank"]) <= threshold
     timings = dict(state.timings)
     timings["score_ms"] = timings.get("score_ms", 0.0) + (time.time() - t0) * 1000
-    _writer()({"type": "score", "tse": tse, "accepted": accepted, "revision": state.revisions, **summary})
+    event = {k: v for k, v in summary.items() if k != "signals"}
+    _writer()({"type": "score", "accepted": accepted, "revision": state.revisions, **event})
     return {"score": summary, "tse": tse, "best": best, "accepted": accepted, "timings": timings}
 
 
 def route_after_score(state: HybridState, runtime: Runtime[HybridContext]) -> Literal["revise", "realize"]:
-    """realize: TSE <= threshold (accepted), or the revision budget is spent (the best draft goes on,
-    flagged); revise: otherwise."""
-    if state.accepted:
+    """realize: the best draft is accepted (its value <= score.threshold, not degenerate), or the revision
+    budget is spent (hybrid: the realizer then answers alone, flagged unplanned); revise: otherwise.
+    Diffusion mode never revises: its answer streamed block by block while it was drafted, and spoken text
+    cannot be taken back (the score still flags it)."""
+    if state.accepted or _mode(state, runtime.context) == "diffusion":
         return "realize"
     if state.revisions < runtime.context.config.revise.max_revisions:
         return "revise"
@@ -173,55 +244,74 @@ def route_after_score(state: HybridState, runtime: Runtime[HybridContext]) -> Li
 
 
 # ----------------------------------------------------------------------------------------------- revise
+def _draft_of(d: dict[str, Any]) -> Draft:
+    traj = Trajectory.from_dict(d["trajectory"]) if d.get("trajectory") else None
+    return Draft(list(d["plan_span"] or d["plan_tokens"]), traj, score=_stored(d.get("rank")), info={"draft": d})
+
+
 async def revise(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
+    """One revise attempt per visit, by the policy in `planners.revise.propose` (span selection that never
+    repeats the previous attempt's positions on the same draft, a seed per attempt, the infill contract, the
+    full-span trajectory the score node then scores). This node only adapts the planner to it."""
+    import dataclasses
+
     ctx = runtime.context
     cfg = ctx.config.revise
-    best = state.best or _draft_dict(_result_from_state(state))
+    mode = _mode(state, ctx)
+    best = state.best or {**_draft_dict(_result_from_state(state)), "rank": None}
+    parent = _draft_of(best)
+    attempt = state.revisions + 1
+    last = state.revision_history[-1] if state.revision_history else None
+    avoid = last["positions"] if last and last.get("parent_span") == list(parent.tokens) else []
+    base = _sampler(ctx, mode)
+    prompt_ids = list(best["prompt_ids"])
+    results: dict[str, PlanResult] = {}
+
+    def redraw(_masked: list[int], positions: list[int], seed: int) -> Draft:
+        prev = PlanResult(best["plan"], best["plan_tokens"], prompt_ids, None, {}, span=list(parent.tokens))
+        c = dataclasses.replace(base, seed=seed, temperature=cfg.temperature)
+        r = ctx.planner.redraw(prev, positions, config=c)
+        results["r"] = r
+        return Draft(list(r.span), r.trajectory)
+
+    def resample(seed: int) -> Draft:
+        c = dataclasses.replace(base, seed=seed, temperature=max(base.temperature, 0.7))
+        r = ctx.planner.plan(_planner_messages(state, mode), config=c)
+        results["r"] = r
+        return Draft(list(r.span), r.trajectory)
+
+    rmode = cfg.mode if parent.trajectory is not None else "resample"
     t0 = time.time()
-    previous = PlanResult(
-        best["plan"],
-        best["plan_tokens"],
-        best["prompt_ids"],
-        Trajectory.from_dict(best["trajectory"]) if best.get("trajectory") else None,
-        best.get("plan_stats", {}),
-        span=best["plan_span"],
-    )
-    if cfg.mode == "resample" or previous.trajectory is None:
-        seed = (ctx.planner.sampler.seed or 0) + state.revisions + 1
-        mode = _mode(state, ctx)
-        messages = _planner_messages(state, mode)
-        temperature = max(ctx.planner.sampler.temperature, 0.7)
-        result = await asyncio.to_thread(
-            ctx.planner.plan, messages, seed=seed, temperature=temperature, **_length_overrides(ctx, mode)
-        )
-        positions: list[int] = list(range(len(result.span)))
-    else:
-        positions = select_remask_span(
-            previous.trajectory, cfg.fraction, cfg.rule, stop_ids=set(ctx.planner.model.config.stop_ids)
-        )
-        result = await asyncio.to_thread(ctx.planner.redraw, previous, positions)
+    prop = await asyncio.to_thread(
+        propose, parent, attempt, redraw=redraw, resample=resample, mode=rmode, fraction=cfg.fraction,
+        rule=cfg.rule, stop_ids=set(ctx.planner.model.config.stop_ids), avoid=avoid, seed=base.seed,
+    )  # fmt: skip
     ms = (time.time() - t0) * 1000
-    attempt = {
-        "revision": state.revisions + 1,
-        "mode": cfg.mode,
-        "positions": positions,
-        "previous_tse": best.get("tse"),
-        "nfe": result.stats.get("nfe"),
-        "ms": ms,
-    }
+    history = {"revision": attempt, "mode": rmode, "positions": prop.positions, "seed": prop.seed,
+               "parent_span": list(parent.tokens), "previous_value": best.get("value"), "ms": ms}  # fmt: skip
+    if prop.draft is None:  # nothing left to remask: the budget ends here
+        _writer()({"type": "revise", "revision": attempt, "positions": 0, "text": best["plan"]})
+        return {"revisions": ctx.config.revise.max_revisions, "revision_history": [*state.revision_history, history]}
+    r = results["r"]
+    history["nfe"] = r.stats.get("nfe")
     timings = dict(state.timings)
     timings["plan_ms"] = timings.get("plan_ms", 0.0) + ms
-    timings["nfe"] = timings.get("nfe", 0.0) + float(result.stats.get("nfe", 0))
-    _writer()({"type": "revise", "revision": state.revisions + 1, "positions": len(positions), "text": result.text})
+    timings["nfe"] = timings.get("nfe", 0.0) + float(r.stats.get("nfe", 0))
+    _writer()({"type": "revise", "revision": attempt, "positions": len(prop.positions), "text": r.text})
+    full = PlanResult(r.text, r.tokens, r.prompt_ids, prop.draft.trajectory, r.stats, span=r.span)
     return {
-        **_draft_dict(result),
-        "revisions": state.revisions + 1,
-        "revision_history": [*state.revision_history, attempt],
+        **_draft_dict(full),  # the trajectory is the full-span one (compose_trajectory): scored fairly
+        "revisions": attempt,
+        "revision_history": [*state.revision_history, history],
         "timings": timings,
     }
 
 
 # ----------------------------------------------------------------------------------------------- realize
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, int | float) else str(v)
+
+
 async def realize(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str, Any]:
     from realizers.base import Completion, SamplingParams, TextDelta
 
@@ -232,13 +322,19 @@ async def realize(state: HybridState, runtime: Runtime[HybridContext]) -> dict[s
     started = timings.get("started_at") or time.time()
     timings.setdefault("started_at", started)
     warnings = list(state.warnings)
-    plan_text = state.plan
+    plan_text = state.best["plan"] if (mode != "ar" and state.best is not None) else state.plan  # best = accepted
     if mode != "ar" and state.best is not None and not state.accepted:
-        plan_text = state.best["plan"]  # budget spent: hand on the best-scoring draft, flagged
-        warnings.append(
-            f"plan not accepted: TSE {state.best['tse']:.3f} > {ctx.config.score.tse_threshold} "
-            f"after {state.revisions} revision(s); using the best draft"
-        )
+        sc = state.best.get("score") or {}
+        why = f"degenerate: {sc['degenerate']}" if sc.get("degenerate") else (
+            f"{sc.get('signal', 'score')} {_fmt(state.best.get('value'))} > {ctx.config.score.accept_at}"
+        )  # fmt: skip
+        if mode == "hybrid":  # an untrusted plan is not handed over: the realizer answers alone
+            plan_text = None
+            warnings.append(
+                f"plan not accepted after {state.revisions} revision(s) ({why}): unplanned, the realizer answered alone"
+            )
+        else:  # diffusion: the draft is the answer; the best one goes out, flagged
+            warnings.append(f"answer not accepted after {state.revisions} revision(s) ({why}); best draft")
     tse = state.best["tse"] if (state.best is not None and not state.accepted) else state.tse
     write(
         {
@@ -256,18 +352,16 @@ async def realize(state: HybridState, runtime: Runtime[HybridContext]) -> dict[s
     first: float | None = None
     t_real = time.time()
     if mode == "diffusion":
-        # the planner's text is the answer: stream it in word-sized pieces for the same output shape
-        text = plan_text or ""
-        for i, word in enumerate(text.split(" ")):
-            piece = word if i == 0 else " " + word
-            if first is None:
-                first = time.time()
-            pieces.append(piece)
-            write({"type": "token", "text": piece})
+        # the planner's text is the answer and already streamed block by block while it was planned (plan
+        # node): TTFT is the first block's time, the rate counts the tokens after it over the real interval
+        pieces.append(plan_text or "")
         usage = {"completion_tokens": len(state.plan_tokens), "source": "planner"}
     else:
         r = ctx.config.realizer
-        params = SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p)
+        extra = {"repetition_penalty": r.repetition_penalty} if r.repetition_penalty != 1.0 else {}
+        params = SamplingParams(
+            max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, extra=extra, stop_loops=r.stop_loops
+        )
         messages = prompts.realizer_messages(state.question, plan_text if mode == "hybrid" else None, state.history)
         async for ev in ctx.realizer.astream(messages, params):
             if isinstance(ev, TextDelta):
@@ -287,11 +381,17 @@ async def realize(state: HybridState, runtime: Runtime[HybridContext]) -> dict[s
     end = time.time()
     answer = "".join(pieces).strip()
     n_tokens = int(usage.get("completion_tokens") or 0)
+    already = 1.0  # tokens that arrived with the first chunk: the rate counts those after it
+    if mode == "diffusion" and "first_token_at" in timings:
+        first, last = timings["first_token_at"], timings["last_token_at"]
+        already = timings.get("first_tokens", 1.0)
+    else:
+        last = end
     timings["ttft_ms"] = ((first or end) - started) * 1000
     timings["realize_ms"] = (end - t_real) * 1000
     timings["total_ms"] = (end - started) * 1000
-    gen_s = end - (first or end)
-    timings["tokens_per_s"] = (n_tokens - 1) / gen_s if n_tokens > 1 and gen_s > 0 else 0.0
+    gen_s = last - (first or last)
+    timings["tokens_per_s"] = (n_tokens - already) / gen_s if n_tokens > already and gen_s > 0 else 0.0
     write({"type": "done", "timings": timings})
     return {
         "answer": answer,

@@ -6,6 +6,7 @@ bodies, and the pieces of a response built from the graph's final state.
     ApiError / run_error(e)                OpenAI-style error bodies (`{"error": {...}}`) with their status
     _usage / _finish_reason                the `usage` object and `finish_reason` from the graph's state
     _plan_info / _done_info                the `hybrid` extension objects on the plan and finish chunks
+    handed_over_score(state)               the score dict of the best draft (the one handed over, if accepted)
     _sse(obj)                              one server-sent event
 
 Every check raises `ApiError` naming the parameter, before any model work. What it does not know: FastAPI,
@@ -249,17 +250,27 @@ def _plan_info(state: dict[str, Any], ev: dict[str, Any], wall_ms: float) -> dic
     }
 
 
+def handed_over_score(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The score dict of the best draft (the one handed to the realizer when accepted; in hybrid mode an
+    unaccepted plan is not handed over, and this says why), else of the current draft."""
+    best = state.get("best")
+    if best is not None and best.get("score") is not None:
+        return best["score"]
+    return state.get("score")
+
+
 def _done_info(state: dict[str, Any], server: dict[str, float]) -> dict[str, Any]:
     t = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in state.get("timings", {}).items()}
     t.pop("started_at", None)
     best = state.get("best")
-    tse = best["tse"] if best is not None and not state.get("accepted") else state.get("tse")  # the draft handed on
+    tse = best["tse"] if best is not None else state.get("tse")  # the best draft: the one handed on, if accepted
     return {
         "event": "done",
         "mode": state.get("mode"),
         "tse": tse,
         "revisions": state.get("revisions", 0),
         "accepted": state.get("accepted"),
+        "score": handed_over_score(state),
         "warnings": state.get("warnings", []),
         "timings": {**t, **server},
     }

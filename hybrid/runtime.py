@@ -19,19 +19,26 @@ class SetupError(RuntimeError):
     """A component could not be built; the message says which and why, in one line."""
 
 
-def sampler_config(cfg: HybridConfig):
+def sampler_config(cfg: HybridConfig, mode: str = "hybrid"):
+    """The one `SamplerConfig` a request's planner calls use, built from its `HybridConfig` (CLI, server,
+    graph context and compare all come through here; nothing reads a loaded planner's own settings).
+    Diffusion mode writes the answer itself: `planner.answer_length` tokens, steps scaled to match."""
     from planners.sampler import SamplerConfig
 
     p = cfg.planner
+    gen_length, steps = p.gen_length, p.steps
+    if mode == "diffusion":
+        gen_length, steps = p.answer_length, max(1, p.steps * p.answer_length // p.gen_length)
     return SamplerConfig(
-        gen_length=p.gen_length,
-        steps=p.steps,
+        gen_length=gen_length,
+        steps=steps,
         block_length=p.block_length,
         temperature=p.temperature,
         cfg_scale=p.cfg_scale,
         confidence=p.confidence,
         commit=p.commit,
         threshold=p.threshold,
+        commit_policy=p.commit_policy,
         cache=p.cache,
         seed=p.seed,
         record_trajectory=True,
@@ -53,6 +60,8 @@ def build_planner(cfg: HybridConfig, progress: Progress = lambda _m: None):
             sampler=sampler_config(cfg),
             device=p.device,
             dtype=getattr(torch, p.dtype),
+            engine=p.engine,
+            engine_weights=p.engine_weights,
         )
     except FileNotFoundError as e:
         raise SetupError(f"planner: {e}") from None
@@ -96,6 +105,8 @@ def build_realizer(cfg: HybridConfig, progress: Progress = lambda _m: None):
     progress(f"loading realizer (embedded SmolLM2-135M-Instruct, {r.backend}) ...")
     try:
         kwargs = {"gguf_path": r.model} if r.model else {}
+        if r.backend == "llama_cpp":
+            kwargs.update(extra_bufts=r.extra_bufts, max_seqs=r.max_seqs)
         return embedded_realizer(r.backend, params=params, **kwargs)
     except RealizerError as e:
         raise SetupError(f"realizer: {e}") from None

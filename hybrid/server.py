@@ -5,28 +5,32 @@
     GET  /health                200 while the process serves
     GET  /metrics               JSON counters: requests, completed, failed, cancelled, fallbacks, planner batches
 
-Every request runs the prebuilt LangGraph graph (`hybrid.graph.build_graph`) with the server's `HybridContext`
-(per-request sampling settings and mode copied into its config); the server translates the graph's custom
-stream into chunks. The plan travels beside the answer, the way vLLM streams `reasoning_content`: after the
-role chunk, chunks with an empty delta carry a `hybrid` object (`draft`, `score`, `revise` progress), then one
-chunk carries `delta.reasoning_content` = the plan handed to the realizer with its TSE, revisions, NFE and
-plan time, then `delta.content` tokens, so a voice client speaks only `content`. Usage arrives as OpenAI's
-final usage chunk (`stream_options.include_usage`); timings ride on the finish chunk's `hybrid` object.
-A failure after the stream started is one SSE `data: {"error": {...}}` event, then `data: [DONE]` (the
-openai client raises it as `APIError`); before that, every error is an OpenAI-style body with a 4xx/5xx.
-Parsing, validation, error bodies and the `hybrid` chunk objects live in `hybrid.openai_protocol`.
+Three parts, each usable alone:
+
+- the routes (this module, `Routes`): HTTP only — the API key, body limits, validation (`hybrid.openai_protocol`),
+  admission, and writing what the other two produce as JSON or SSE;
+- the run manager (`hybrid.run_manager`): graph runs on a loop and thread pool of its own, admission
+  (`max_active`, else 429), cancellation when a client leaves, the metrics behind one lock;
+- the stream translator (`hybrid.stream_translator`): the graph's custom events -> chat.completion.chunk objects.
+  The plan streams as `delta.reasoning_content` block by block while it forms (vLLM's reasoning field), the
+  answer as `delta.content`, so a voice client speaks only `content`; `hybrid` objects carry progress, the
+  plan handed to the realizer with its score, and timings.
+
+Usage arrives as OpenAI's final usage chunk (`stream_options.include_usage`); timings ride on the finish chunk's
+`hybrid` object. A failure after the stream started is one SSE `data: {"error": {...}}` event, then
+`data: [DONE]` (the openai client raises it as `APIError`); before that, every error is an OpenAI-style body
+with a 4xx/5xx.
 
 Concurrency. The planner is not thread-safe and is the expensive step, so planner calls go through one
 worker thread (`planners.batching.BatchingPlanner`): calls whose sampler settings match are denoised together
-in one batch (`planners.sampler.sample` decodes different-length prompts, left-padded, in one loop), oldest
-first, up to `max_batch`; a request whose client left is dropped from the queue. Batched rows get the
-trajectory and NFE a solo run would have had (idle steps of rows that finished early are removed), so TSE does
-not depend on who shared the batch. Realizers stream on the event loop (the embedded one decodes in its own
-thread). A client that disconnects cancels its graph run: the realizer's stream is closed (the embedded model
-stops within a token; an OpenAI-compatible upstream sees the HTTP stream close, which makes vLLM abort the
-request). With `fallback` (`realizers.fallback.FallbackRealizer`), a realizer failure before the first token
-sends the request to the fallback realizer (and keeps the primary off for `fallback_retry_s`); a failure after
-tokens went out is reported in the stream.
+in one batch, oldest first, up to `max_batch`; a request whose client left is dropped from the queue. Batched
+rows get the trajectory and NFE a solo run would have had, so TSE does not depend on who shared the batch.
+A client that disconnects cancels its graph run: the realizer's stream is closed (the embedded model stops
+within a token; an OpenAI-compatible upstream sees the HTTP stream close, which makes vLLM abort the request).
+With `fallback` (`realizers.fallback.FallbackRealizer`), a realizer failure before the first token sends the
+request to the fallback realizer (and keeps the primary off for `fallback_retry_s`); a failure after tokens
+went out is reported in the stream. `--vllm-local` starts the local vLLM CPU server (`realizers.local_vllm`)
+and realizes through it.
 
 What it does not know: how plans are drafted or scored, or which model realizes — that is the graph and
 the context it is given (`create_app(ctx)`; `main` builds one with `hybrid.runtime.build_context`).
@@ -36,17 +40,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import dataclasses
 import hmac
 import logging
 import os
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -54,25 +55,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-# Limits and BatchingPlanner are also this module's public names: tests import them from hybrid.server
+# Limits, Metrics and BatchingPlanner are also this module's public names: tests import them from hybrid.server
 from hybrid.config import MODES
-from hybrid.openai_protocol import (
-    ApiError,
-    Limits,
-    Turn,
-    _bad,
-    _done_info,
-    _finish_reason,
-    _plan_info,
-    _sse,
-    _usage,
-    parse_body,
-    run_error,
-    validate_request,
-)
+from hybrid.openai_protocol import ApiError, Limits, Turn, _bad, _sse, parse_body, run_error, validate_request
+from hybrid.run_manager import Metrics, Overloaded, Run, RunManager
 from hybrid.state import HybridContext
-from planners.batching import _REQUEST, BatchingPlanner, _Handle
+from hybrid.stream_translator import StreamTranslator, completion_body
+from planners.batching import BatchingPlanner
 from realizers.fallback import FallbackRealizer
+
+__all__ = ["BatchingPlanner", "Limits", "Metrics", "Routes", "RunManager", "create_app", "main", "serving_context"]
 
 log = logging.getLogger("hybrid.server")
 
@@ -89,110 +81,6 @@ def turn_context(base: HybridContext, turn: Turn) -> HybridContext:
     return dataclasses.replace(base, config=cfg.model_copy(update={"mode": turn.mode, "realizer": realizer}))
 
 
-# ============================================================================================ metrics
-@dataclass
-class Metrics:
-    """The server's counters (`GET /metrics`); it is also the `metrics` object of the `BatchingPlanner`
-    (`planners.batching.BatchStats` fields) and the `FallbackRealizer` (`fallbacks`)."""
-
-    started_at: float = field(default_factory=time.time)
-    requests: int = 0
-    rejected: int = 0  # answered 4xx before any model work
-    active: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0  # client disconnected before the answer was complete: its run was cancelled
-    fallbacks: int = 0  # requests the fallback realizer answered
-    plan_batches: int = 0
-    plan_rows: int = 0
-    plan_max_batch: int = 0
-    plans_skipped: int = 0  # queued planner calls dropped because their request was cancelled
-
-    def snapshot(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["uptime_s"] = round(time.time() - d.pop("started_at"), 1)
-        d["plan_mean_batch"] = round(self.plan_rows / self.plan_batches, 2) if self.plan_batches else 0.0
-        return d
-
-
-# ============================================================================================ one run
-class _Run:
-    """One graph run in its own task; its events ("custom", "values", then one of "end", "error", "cancelled")
-    go to a queue in order. `cancel()` stops it."""
-
-    def __init__(
-        self, graph: Any, inputs: dict[str, Any], ctx: HybridContext, rid: str, timeout_s: float, on_done=None
-    ) -> None:
-        self.rid = rid
-        self.handle = _Handle(rid)
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.received = time.time()
-        self.finished = False  # a consumer has seen the last event
-        self.task = asyncio.create_task(self._main(graph, inputs, ctx, timeout_s), name=f"hybrid-run-{rid}")
-        if on_done is not None:
-            self.task.add_done_callback(lambda _t: on_done())
-
-    async def _main(self, graph: Any, inputs: dict[str, Any], ctx: HybridContext, timeout_s: float) -> None:
-        _REQUEST.set(self.handle)  # this task's own context: node tasks and their worker threads inherit it
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for mode, chunk in graph.astream(inputs, context=ctx, stream_mode=["custom", "values"]):
-                    self.queue.put_nowait((mode, chunk))
-        except asyncio.CancelledError:
-            self.queue.put_nowait(("cancelled", None))
-            raise
-        except Exception as e:  # noqa: BLE001 - reported to the client
-            self.queue.put_nowait(("error", e))
-        else:
-            self.queue.put_nowait(("end", None))
-
-    async def events(self, keepalive_s: float) -> AsyncIterator[tuple[str, Any]]:
-        """Queue items in order; ("ping", None) after `keepalive_s` of silence. Ends after the last event."""
-        getter: asyncio.Future | None = None
-        try:
-            while True:
-                getter = getter or asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=keepalive_s)
-                if not done:
-                    yield ("ping", None)
-                    continue
-                item, getter = getter.result(), None
-                if item[0] in ("end", "error", "cancelled"):
-                    self.finished = True
-                yield item
-                if self.finished:
-                    return
-        finally:
-            if getter is not None:
-                getter.cancel()
-
-    def cancel(self) -> bool:
-        """Cancel the run if it is still going; True if it was. Does not wait (the caller may itself be
-        cancelled): the realize node's stream is closed as the cancellation unwinds the graph."""
-        if self.finished or self.task.done():
-            return False
-        self.handle.cancelled.set()  # queued planner calls of this request are dropped
-        self.task.cancel()
-        return True
-
-
-# ============================================================================================ the app
-@dataclass
-class _Server:
-    ctx: HybridContext
-    graph: Any
-    limits: Limits
-    api_key: str | None
-    model_name: str
-    modes: tuple[str, ...]
-    metrics: Metrics
-    batcher: BatchingPlanner | None
-    max_active: int
-    request_timeout_s: float
-    keepalive_s: float
-    max_workers: int
-
-
 def available_modes(ctx: HybridContext) -> tuple[str, ...]:
     """hybrid needs planner + realizer, diffusion the planner, ar the realizer."""
     have_p, have_r = ctx.planner is not None, ctx.realizer is not None
@@ -200,6 +88,225 @@ def available_modes(ctx: HybridContext) -> tuple[str, ...]:
     return tuple(m for m in MODES if ok[m])
 
 
+def serving_context(
+    ctx: HybridContext,
+    metrics: Metrics,
+    *,
+    fallback: Any = None,
+    fallback_retry_s: float = 5.0,
+    max_batch: int = 16,
+    batch_window_ms: float = 5.0,
+) -> tuple[HybridContext, BatchingPlanner | None]:
+    """`ctx` as the server runs it: the planner behind a `BatchingPlanner` (returned too when this call made it,
+    so the server closes it), the realizer behind a `FallbackRealizer` when `fallback` is given; both report
+    to `metrics`. `ctx` itself is not modified."""
+    batcher = None
+    planner = ctx.planner
+    if planner is not None and not isinstance(planner, BatchingPlanner):
+        batcher = BatchingPlanner(planner, max_batch=max_batch, window_s=batch_window_ms / 1000, metrics=metrics)
+        planner = batcher
+    elif isinstance(planner, BatchingPlanner):
+        planner.metrics = metrics
+    realizer = ctx.realizer
+    if realizer is not None and fallback is not None:
+        realizer = FallbackRealizer(realizer, fallback, retry_after_s=fallback_retry_s, metrics=metrics)
+    return dataclasses.replace(ctx, planner=planner, realizer=realizer), batcher
+
+
+# ============================================================================================ routes
+class Routes:
+    """The HTTP side: one method per route, plus the request checks. Model work goes to `runs`; chunks come
+    from a `StreamTranslator` per streamed request."""
+
+    def __init__(
+        self,
+        ctx: HybridContext,
+        runs: RunManager,
+        *,
+        limits: Limits,
+        api_key: str | None = None,
+        model_name: str = DEFAULT_MODEL_NAME,
+        keepalive_s: float = 10.0,
+        batcher: BatchingPlanner | None = None,
+    ) -> None:
+        self.ctx, self.runs, self.limits = ctx, runs, limits
+        self.api_key = api_key or None
+        self.model_name = model_name
+        self.keepalive_s = keepalive_s
+        self.batcher = batcher
+        self.modes = available_modes(ctx)
+        self.metrics = runs.metrics
+
+    def register(self, app: FastAPI) -> None:
+        app.add_exception_handler(ApiError, self.on_api_error)
+        app.add_exception_handler(StarletteHTTPException, self.on_http_error)
+        app.add_exception_handler(RequestValidationError, self.on_validation_error)
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/metrics", self.get_metrics, methods=["GET"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+
+    # ------------------------------------------------------------------ errors
+    async def on_api_error(self, request: Request, e: ApiError) -> JSONResponse:
+        if e.status < 500:
+            self.metrics.add(rejected=1)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def on_http_error(self, request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        err = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def on_validation_error(self, request: Request, e: RequestValidationError) -> JSONResponse:
+        err = _bad(str(e))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    # ------------------------------------------------------------------ checks
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "incorrect API key", type="authentication_error", code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def check_planner_fit(self, turn: Turn) -> None:
+        from hybrid import prompts
+
+        build = prompts.answer_messages if turn.mode == "diffusion" else prompts.plan_messages
+        planner = self.ctx.planner
+        ids = await self.runs.run_in_pool(planner.encode, build(turn.question, turn.history))
+        budget = planner.context_length - planner.sampler.gen_length
+        if len(ids) > budget:
+            raise _bad(
+                f"the conversation is {len(ids)} planner tokens; the planner's context leaves room for {budget}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
+    # ------------------------------------------------------------------ routes
+    async def health(self) -> dict[str, Any]:
+        realizer = getattr(self.ctx.realizer, "name", None)
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "modes": list(self.modes),
+            "active": self.metrics.active,
+            "realizer": realizer,
+        }
+
+    async def get_metrics(self) -> dict[str, Any]:
+        snap = self.metrics.snapshot()
+        snap["planner_queued"] = self.batcher.queued if self.batcher is not None else 0
+        return snap
+
+    async def models(self, request: Request) -> dict[str, Any]:
+        self.check_key(request)
+        card = {"id": self.model_name, "object": "model", "created": int(self.metrics.started_at), "owned_by": "hybrid"}
+        return {"object": "list", "data": [card]}
+
+    async def chat(self, request: Request):
+        self.metrics.add(requests=1)
+        self.check_key(request)
+        req = parse_body(await self.read_body(request))
+        turn = validate_request(
+            req, limits=self.limits, config=self.ctx.config, modes=self.modes, model_names=(self.model_name,)
+        )
+        try:
+            self.runs.admit()
+        except Overloaded as e:
+            raise ApiError(429, str(e), type="rate_limit_error", code="server_overloaded") from None
+        try:
+            if turn.mode != "ar":
+                await self.check_planner_fit(turn)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            inputs = {"question": turn.question, "mode": turn.mode, "history": turn.history}
+            run = self.runs.submit(inputs, turn_context(self.ctx, turn), rid)
+        except BaseException:
+            self.runs.release()
+            raise
+        if turn.stream:
+            return StreamingResponse(
+                self.stream(run, turn),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid},
+            )
+        return await self.complete(run, turn, request)
+
+    async def stream(self, run: Run, turn: Turn) -> AsyncIterator[str]:
+        tr = StreamTranslator(
+            run.rid, self.model_name, turn.mode, received=run.received, include_usage=turn.include_usage
+        )
+        try:
+            for c in tr.open():
+                yield _sse(c)
+            async for kind, payload in run.events(self.keepalive_s):
+                if kind == "ping":
+                    yield ": keep-alive\n\n"
+                    continue
+                for c in tr.feed(kind, payload):
+                    yield _sse(c)
+                if kind == "error":
+                    self.runs.finish(run, "failed")
+                    log.warning("%s failed: %s", run.rid, tr.error.message)
+                if tr.done:
+                    yield "data: [DONE]\n\n"
+                    if kind == "end":
+                        self.runs.finish(run, "completed")
+                    return
+        finally:
+            self.runs.abandon(run)  # a no-op after the last event; else the client left and this was cancelled
+
+    async def complete(self, run: Run, turn: Turn, request: Request):
+        state: dict[str, Any] = {}
+        watcher = asyncio.ensure_future(_on_disconnect(request, lambda: self.runs.abandon(run)))
+        try:
+            async for kind, payload in run.events(self.keepalive_s):
+                if kind == "values":
+                    state = payload
+                elif kind == "error":
+                    err = run_error(payload)
+                    self.runs.finish(run, "failed")
+                    log.warning("%s failed: %s", run.rid, err.message)
+                    return JSONResponse(err.body(), status_code=err.status)
+                elif kind == "cancelled":  # nobody is listening any more
+                    return JSONResponse({}, status_code=499)
+        finally:
+            watcher.cancel()
+            self.runs.abandon(run)
+        self.runs.finish(run, "completed")
+        return completion_body(state, run.rid, self.model_name, turn.mode, received=run.received)
+
+
+async def _on_disconnect(request: Any, callback, interval_s: float = 0.25) -> None:
+    """Call `callback` once the client of a non-streamed request has gone (polled: Starlette only watches
+    for disconnects while it streams)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(interval_s)
+    callback()
+
+
+# ============================================================================================ the app
 def create_app(
     ctx: HybridContext,
     *,
@@ -213,283 +320,55 @@ def create_app(
     max_active: int = 256,
     request_timeout_s: float = 300.0,
     keepalive_s: float = 10.0,
-):
-    """The FastAPI app over `ctx` (built by `hybrid.runtime.build_context`, or by a test). The app wraps the
-    planner in a `BatchingPlanner` and the realizer in a `FallbackRealizer` when `fallback` (a Realizer) is
-    given; `ctx` itself is not modified. `api_key`: required as `Authorization: Bearer ...` on /v1/*.
-    `max_active`: concurrent requests beyond it get 429."""
+    on_shutdown: Any = None,
+) -> FastAPI:
+    """The FastAPI app over `ctx` (built by `hybrid.runtime.build_context`, or by a test): `serving_context`
+    wraps its models, a `RunManager` runs the graph, `Routes` answer HTTP. `api_key`: required as
+    `Authorization: Bearer ...` on /v1/*. `max_active`: concurrent requests beyond it get 429. `on_shutdown`: called
+    (in a thread) after the app stopped serving, e.g. to stop a realizer server started for it."""
     from hybrid.graph import build_graph
 
     metrics = Metrics()
-    batcher = None
-    planner = ctx.planner
-    if planner is not None and not isinstance(planner, BatchingPlanner):
-        batcher = BatchingPlanner(planner, max_batch=max_batch, window_s=batch_window_ms / 1000, metrics=metrics)
-        planner = batcher
-    elif isinstance(planner, BatchingPlanner):
-        planner.metrics = metrics
-    realizer = ctx.realizer
-    if realizer is not None and fallback is not None:
-        realizer = FallbackRealizer(realizer, fallback, retry_after_s=fallback_retry_s, metrics=metrics)
+    served, batcher = serving_context(
+        ctx,
+        metrics,
+        fallback=fallback,
+        fallback_retry_s=fallback_retry_s,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
+    )
     limits = limits or Limits(max_content_chars=ctx.config.max_question_chars)
     ctx_limit = getattr(ctx.realizer, "context_length", None)
     if isinstance(ctx_limit, int) and ctx_limit > 0 and ctx_limit < limits.max_tokens:
         limits = dataclasses.replace(limits, max_tokens=ctx_limit)
-    s = _Server(
-        ctx=dataclasses.replace(ctx, planner=planner, realizer=realizer),
-        graph=build_graph(),
+    runs = RunManager(build_graph(), metrics=metrics, max_active=max_active, request_timeout_s=request_timeout_s)
+    routes = Routes(
+        served,
+        runs,
         limits=limits,
-        api_key=api_key or None,
+        api_key=api_key,
         model_name=model_name,
-        modes=available_modes(ctx),
-        metrics=metrics,
-        batcher=batcher,
-        max_active=max_active,
-        request_timeout_s=request_timeout_s,
         keepalive_s=keepalive_s,
-        max_workers=max_active + 32,
+        batcher=batcher,
     )
 
     @asynccontextmanager
     async def lifespan(app):
-        # graph nodes call the planner / scorer through asyncio.to_thread: one pool thread per waiting request
-        # (the default pool has min(32, cpus + 4) threads, which would cap planner batches at that size)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=s.max_workers, thread_name_prefix="hybrid-serve")
-        asyncio.get_running_loop().set_default_executor(pool)
-        log.info("serving %s (modes: %s)", s.model_name, ", ".join(s.modes))
+        runs.start()
+        log.info("serving %s (modes: %s)", model_name, ", ".join(routes.modes))
         try:
             yield
         finally:
-            if s.batcher is not None:
-                await asyncio.to_thread(s.batcher.close)
-            pool.shutdown(wait=False, cancel_futures=True)
+            if batcher is not None:  # first: planner calls waiting in the queue fail at once
+                await asyncio.to_thread(batcher.close)
+            await asyncio.to_thread(runs.close)
+            if on_shutdown is not None:
+                await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(title="hybrid", lifespan=lifespan)
-    app.state.server = s
-
-    def error_response(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        if e.status < 500:
-            s.metrics.rejected += 1
-        return error_response(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
-        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        return error_response(_bad(str(e)))
-
-    def check_key(request: Request) -> None:
-        if s.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if not auth:
-            raise ApiError(
-                401,
-                "missing API key: send 'Authorization: Bearer <key>'",
-                type="authentication_error",
-                code="invalid_api_key",
-            )
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), s.api_key.encode()):
-            raise ApiError(401, "incorrect API key", type="authentication_error", code="invalid_api_key")
-
-    async def read_body(request: Request) -> bytes:
-        limit = s.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": s.model_name, "modes": list(s.modes), "active": s.metrics.active}
-
-    @app.get("/metrics")
-    async def get_metrics():
-        snap = s.metrics.snapshot()
-        snap["planner_queued"] = s.batcher.queued if s.batcher is not None else 0
-        return snap
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
-        card = {"id": s.model_name, "object": "model", "created": int(s.metrics.started_at), "owned_by": "hybrid"}
-        return {"object": "list", "data": [card]}
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        s.metrics.requests += 1
-        check_key(request)
-        req = parse_body(await read_body(request))
-        turn = validate_request(req, limits=s.limits, config=s.ctx.config, modes=s.modes, model_names=(s.model_name,))
-        if s.metrics.active >= s.max_active:
-            raise ApiError(
-                429,
-                f"the server is at its limit of {s.max_active} concurrent requests; retry shortly",
-                type="rate_limit_error",
-                code="server_overloaded",
-            )
-        rctx = turn_context(s.ctx, turn)
-        if turn.mode != "ar":
-            await check_planner_fit(rctx, turn)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        inputs = {"question": turn.question, "mode": turn.mode, "history": turn.history}
-        s.metrics.active += 1
-        run = _Run(s.graph, inputs, rctx, rid, s.request_timeout_s, on_done=finished)
-        if turn.stream:
-            return StreamingResponse(
-                stream(run, turn, rid),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid},
-            )
-        return await complete(run, turn, rid, request)
-
-    def finished() -> None:
-        s.metrics.active -= 1
-
-    def abandon(run: _Run) -> None:
-        """The client left before the end: cancel its run and count it."""
-        if run.cancel():
-            s.metrics.cancelled += 1
-            log.info("%s cancelled: the client disconnected", run.rid)
-
-    async def check_planner_fit(rctx: HybridContext, turn: Turn) -> None:
-        from hybrid import prompts
-
-        build = prompts.answer_messages if turn.mode == "diffusion" else prompts.plan_messages
-        planner = s.ctx.planner
-        ids = await asyncio.to_thread(planner.encode, build(turn.question, turn.history))
-        budget = planner.context_length - planner.sampler.gen_length
-        if len(ids) > budget:
-            raise _bad(
-                f"the conversation is {len(ids)} planner tokens; the planner's context leaves room for {budget}",
-                param="messages",
-                code="context_length_exceeded",
-            )
-
-    def chunk(rid: str, created: int, delta: dict[str, Any], finish: str | None = None, **extra) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": s.model_name,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            **extra,
-        }
-
-    async def stream(run: _Run, turn: Turn, rid: str) -> AsyncIterator[str]:
-        created = int(run.received)
-        state: dict[str, Any] = {}
-        first_token: float | None = None
-        try:
-            yield _sse(chunk(rid, created, {"role": "assistant", "content": ""}))
-            async for kind, payload in run.events(s.keepalive_s):
-                if kind == "ping":
-                    yield ": keep-alive\n\n"
-                elif kind == "values":
-                    state = payload
-                elif kind == "custom":
-                    t = payload.get("type")
-                    if t == "token":
-                        if first_token is None:
-                            first_token = time.time()
-                        yield _sse(chunk(rid, created, {"content": payload["text"]}))
-                    elif t == "status" and payload.get("stage") == "realize" and turn.mode != "ar":
-                        info = _plan_info(state, payload, (time.time() - run.received) * 1000)
-                        delta = {"reasoning_content": payload["plan"]} if payload.get("plan") else {}
-                        yield _sse(chunk(rid, created, delta, hybrid=info))
-                    elif t == "plan":
-                        info = {"event": "draft", "nfe": payload.get("nfe"), "plan_ms": round(payload["plan_ms"], 1)}
-                        yield _sse(chunk(rid, created, {}, hybrid=info))
-                    elif t == "score":
-                        info = {
-                            "event": "score",
-                            "tse": payload.get("tse"),
-                            "accepted": payload.get("accepted"),
-                            "revision": payload.get("revision"),
-                        }
-                        yield _sse(chunk(rid, created, {}, hybrid=info))
-                    elif t == "revise":
-                        info = {
-                            "event": "revise",
-                            "revision": payload.get("revision"),
-                            "positions": payload.get("positions"),
-                        }
-                        yield _sse(chunk(rid, created, {}, hybrid=info))
-                elif kind == "error":
-                    err = run_error(payload)
-                    s.metrics.failed += 1
-                    log.warning("%s failed: %s", rid, err.message)
-                    yield _sse(err.body())
-                    yield "data: [DONE]\n\n"
-                    return
-                elif kind == "end":
-                    now = time.time()
-                    server = {"server_total_ms": round((now - run.received) * 1000, 1)}
-                    if first_token is not None:
-                        server["server_ttft_ms"] = round((first_token - run.received) * 1000, 1)
-                    yield _sse(chunk(rid, created, {}, _finish_reason(state), hybrid=_done_info(state, server)))
-                    if turn.include_usage:
-                        yield _sse({**chunk(rid, created, {}), "choices": [], "usage": _usage(state)})
-                    yield "data: [DONE]\n\n"
-                    s.metrics.completed += 1
-                    return
-        finally:
-            abandon(run)  # a no-op after the last event; else the client's connection closed and this was cancelled
-
-    async def complete(run: _Run, turn: Turn, rid: str, request: Request):
-        state: dict[str, Any] = {}
-        watcher = asyncio.ensure_future(_on_disconnect(request, lambda: abandon(run)))
-        try:
-            async for kind, payload in run.events(s.keepalive_s):
-                if kind == "values":
-                    state = payload
-                elif kind == "error":
-                    err = run_error(payload)
-                    s.metrics.failed += 1
-                    log.warning("%s failed: %s", rid, err.message)
-                    return error_response(err)
-                elif kind == "cancelled":  # nobody is listening any more
-                    return JSONResponse({}, status_code=499)
-        finally:
-            watcher.cancel()
-            abandon(run)
-        s.metrics.completed += 1
-        server = {"server_total_ms": round((time.time() - run.received) * 1000, 1)}
-        plan = state.get("plan") if turn.mode == "hybrid" else None
-        message = {"role": "assistant", "content": state.get("answer", ""), "reasoning_content": plan}
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(run.received),
-            "model": s.model_name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(state)}],
-            "usage": _usage(state),
-            "hybrid": _done_info(state, server),
-        }
-
+    app.state.routes = routes
+    routes.register(app)
     return app
-
-
-async def _on_disconnect(request: Any, callback, interval_s: float = 0.25) -> None:
-    """Call `callback` once the client of a non-streamed request has gone (polled: Starlette only watches
-    for disconnects while it streams)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(interval_s)
-    callback()
 
 
 # ============================================================================================ CLI
@@ -514,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback-url", help="OpenAI-compatible server used when the realizer fails before its first token"
     )
     p.add_argument("--fallback-model", help="served model name at --fallback-url (default: its first)")
+    p.add_argument(
+        "--vllm-local",
+        action="store_true",
+        help="realize through the local vLLM CPU server: start it (prepared by `hybrid vllm-local prepare`; one "
+        "already running from the same directory and port is reused) and stop it on exit",
+    )
+    p.add_argument("--vllm-local-port", type=int, default=None, help="its port (default 8011)")
     p.add_argument("--fallback-retry", type=float, default=5.0, help="seconds the failed primary is skipped")
     p.add_argument("--served-model-name", default=DEFAULT_MODEL_NAME)
     p.add_argument("--max-batch", type=int, default=16, help="planner requests denoised together, at most")
@@ -541,8 +427,6 @@ def _load_modes(value: str | None, configured: str) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     from hybrid.cli import UserError, _err, _progress, config_from_args
     from hybrid.runtime import SetupError, build_context
 
@@ -554,13 +438,57 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    vllm = None
     try:
         cfg = config_from_args(args)
         modes = _load_modes(args.load_modes, cfg.mode)
+        if args.vllm_local and modes & {"hybrid", "ar"}:
+            vllm = start_vllm_local(args, say)
+            cfg = vllm_local_config(cfg, vllm.base_url)
         ctx = build_context(cfg, say, modes=modes)
     except (UserError, SetupError, ValueError) as e:
+        if vllm is not None:
+            vllm.stop()
         _err(str(e))
         return 2
+    # only a server this process started is stopped (`LocalVLLM.stop` leaves a reused one running); from the app's
+    # shutdown, because uvicorn ends the process with the signal that stopped it (SIGTERM) once the app has stopped
+    stop = vllm.stop if vllm is not None else None
+    try:
+        return _serve(args, cfg, ctx, say, on_shutdown=stop)
+    finally:
+        if stop is not None:
+            stop()  # the app never started, or stopped without a signal (idempotent)
+
+
+def start_vllm_local(args: argparse.Namespace, say):
+    """Start (or reuse) the local vLLM CPU server of `realizers.local_vllm`; `SetupError` if it cannot."""
+    from hybrid.runtime import SetupError
+    from realizers.base import RealizerError
+    from realizers.local_vllm import DEFAULT_PORT, LocalVLLM
+
+    if args.realizer_url:
+        raise SetupError("--vllm-local and --realizer-url both name a realizer server: pass one")
+    lv = LocalVLLM(port=args.vllm_local_port or DEFAULT_PORT)
+    say(f"starting the local vLLM server from {lv.dir} on port {lv.port} (~1 min) ...")
+    try:
+        lv.start()
+    except RealizerError as e:
+        raise SetupError(f"--vllm-local: {e}") from None
+    return lv
+
+
+def vllm_local_config(cfg, base_url: str):
+    """`cfg` with the realizer pointed at the local vLLM server (its served model name)."""
+    from realizers.local_vllm import SERVED_MODEL_NAME
+
+    realizer = cfg.realizer.model_copy(update={"kind": "openai", "base_url": base_url, "model": SERVED_MODEL_NAME})
+    return cfg.model_copy(update={"realizer": realizer})
+
+
+def _serve(args: argparse.Namespace, cfg, ctx: HybridContext, say, on_shutdown=None) -> int:
+    import uvicorn
+
     fallback = None
     if args.fallback_url:
         from realizers.openai_compat import OpenAIRealizer
@@ -589,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_window_ms=args.batch_window_ms,
         max_active=args.max_active,
         request_timeout_s=args.request_timeout,
+        on_shutdown=on_shutdown,
     )
     say(f"listening on http://{args.host}:{args.port}/v1 (model {args.served_model_name!r})")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -26,12 +26,14 @@ class HybridState(BaseModel):
     trajectory: dict[str, Any] | None = None  # Trajectory.to_dict() of the current draft
     plan_stats: dict[str, Any] = Field(default_factory=dict)
     # scoring and revision
-    score: dict[str, Any] | None = None  # TrajectoryScore summary of the current draft
+    # the current draft's score (hybrid.nodes.score_summary): "value" = the configured signal (higher = less
+    # trustworthy), "signal", "signals", "degenerate" (why the draft is a loop / near-empty, else None), "tse", ...
+    score: dict[str, Any] | None = None
     tse: float | None = None
     revisions: int = 0
     revision_history: list[dict[str, Any]] = Field(default_factory=list)
-    best: dict[str, Any] | None = None  # best draft so far: plan, tokens, span, trajectory, tse, stats
-    accepted: bool | None = None
+    best: dict[str, Any] | None = None  # best draft so far: plan, tokens, span, trajectory, tse, value, rank, score
+    accepted: bool | None = None  # the best draft is trusted; hybrid hands over no plan when False
     # answer
     answer: str = ""
     usage: dict[str, Any] = Field(default_factory=dict)

@@ -5,7 +5,7 @@ what `hybrid compare` saves) or a bare `Trajectory.to_dict()` into a page that s
 generation span: masked positions (with the model's current guess, x0-hat, faint), tokens committed at this
 step, tokens whose guess changed since the last step, and committed tokens shaded by their confidence. A
 slider (and a play button) moves through the steps; `#step=N` in the URL opens a given step. Beside it runs
-the race of seed 004: an AR lane that emits one token per forward pass, left to right (the realized answer's
+a race: an AR lane that emits one token per forward pass, left to right (the realized answer's
 tokens, or the diffusion's own final tokens when there is no AR answer), against the diffusion lane, on one
 clock of forward passes, with step counters and NFE.
 

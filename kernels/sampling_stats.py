@@ -22,7 +22,7 @@ the dispatch between the two (`token_stats`), chosen once per process from `HYBR
 platform. This module knows nothing about masks, schedules or which positions the sampler will commit: it
 turns logits into statistics for every row it is given.
 
-How the kernel reads the logits once (DESIGN.md, "Kernels where the time goes"; tuned for Hopper from the
+How the kernel reads the logits once (tuned for Hopper from the
 compiler's output, not yet timed on a GPU): each program streams a contiguous stretch of one row in tiles of
 BLOCK_V columns, 16 bytes per thread per load (LDG.128, evict-first: the logits are read once), three tiles
 in flight. Each *lane* (column offset inside the tile) keeps its own online-softmax state across tiles -
@@ -37,9 +37,11 @@ compute-bound, roughly 2.5x the greedy path's instructions. All arithmetic is fl
 """
 
 import functools
+import inspect
 import math
 import os
 import threading
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -392,55 +394,106 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_INTERPRETED: dict[int, tuple] = {}  # id(JITFunction) -> its interpreted copy (JITFunction hashing parses source)
+_INTERPRETER_LOCK = threading.Lock()  # the interpreter's grid state and language patches are process-wide
+_REAL_LANG = "__hybrid_triton_language__"  # private-globals keys under which the interpreter finds the real
+_REAL_CORE = "__hybrid_triton_language_core__"  # triton.language / .core to patch during a launch
 
 
-def _interpreted(fn):
-    from triton.runtime.interpreter import InterpretedFunction
+class _LangView(types.ModuleType):
+    """A triton.language module as our interpreted copies see it: attributes read through to the real module
+    (so the interpreter's patches during a launch are seen), device functions (`tl.max`, `tl.philox`, ...)
+    replaced by their interpreted copies."""
 
-    if isinstance(fn, InterpretedFunction):
-        return fn
-    if id(fn) not in _INTERPRETED:
-        _INTERPRETED[id(fn)] = (fn, InterpretedFunction(fn.fn))  # keeps fn alive, so its id stays unique
-    return _INTERPRETED[id(fn)][1]
+    def __init__(self, real: types.ModuleType) -> None:
+        super().__init__(real.__name__)
+        self._real = real
+
+    def __getattr__(self, name: str):
+        return _private(getattr(self._real, name))
 
 
-_INTERPRETER_LOCK = threading.Lock()
+class _DeviceCall:
+    """A device function (a compiled-mode JITFunction) called from interpreted code: runs its interpreted
+    copy. `fn` is that copy too (the interpreter's reduce / scan call `combine_fn.fn`)."""
+
+    def __init__(self, jit_fn) -> None:
+        self.jit_fn = jit_fn
+
+    @property
+    def fn(self):
+        return _rewritten(self.jit_fn.fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+_COPIES: dict[int, tuple] = {}  # id(original) -> (original, private copy): the original is kept alive
+
+
+def _cached(obj, make):
+    if id(obj) not in _COPIES:
+        _COPIES[id(obj)] = (obj, make())
+    return _COPIES[id(obj)][1]
+
+
+def _private(value):
+    """What a name means inside our interpreted copies: device functions and triton.language modules are
+    swapped for private views; everything else is itself."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(value, JITFunction):
+        return _cached(value, lambda: _DeviceCall(value))
+    if isinstance(value, types.ModuleType) and value.__name__.startswith("triton.language"):
+        return _cached(value, lambda: _LangView(value))
+    return value
+
+
+def _private_globals(module_globals: dict) -> dict:
+    """A copy of a module's globals for interpreted copies of its functions: names resolve to `_private`
+    views, and the real triton.language modules stay visible (under reserved names) for the interpreter to
+    patch during a launch. The interpreter writes its own helpers into these copies, never into the modules."""
+
+    def make() -> dict:
+        g = {k: _private(v) for k, v in module_globals.items()}
+        g[_REAL_LANG], g[_REAL_CORE] = tl, tl.core
+        return g
+
+    return _cached(module_globals, make)
+
+
+def _rewritten(fn):
+    """`fn` (a @triton.jit function's Python function) rewritten for the interpreter, with private globals."""
+    from triton.runtime.interpreter import FunctionRewriter
+
+    def make():
+        copy = types.FunctionType(fn.__code__, _private_globals(fn.__globals__), fn.__name__, fn.__defaults__)
+        copy.__kwdefaults__, copy.__annotations__ = fn.__kwdefaults__, fn.__annotations__
+        return FunctionRewriter(copy).rewrite_ast()
+
+    return _cached(fn, make)
 
 
 def _run_interpreted(kernel, grid, *args, **kwargs) -> None:
     """Launch `kernel` in the Triton interpreter (CPU tensors), whatever TRITON_INTERPRET was at import.
 
     Kernels decorated while TRITON_INTERPRET was unset are compiled-mode JITFunctions, as are the device
-    functions they call (ours, and triton.language's own: tl.max, tl.philox, ...). Calling a JITFunction
-    directly only ever raises "outside of the scope of a kernel", so for the duration of the launch such a
-    call runs an interpreted copy instead, and the language patches the interpreter needs are applied once
-    and undone afterwards (triton's own device-call path leaves triton.language.core patched). Compiled
-    launches never make such calls, so they are unaffected. Relies on triton.runtime.interpreter
-    internals; tests/test_kernels.py checks that triton.language is left as it was found.
+    functions they call (ours, and triton.language's own: tl.max, tl.philox, ...), and calling one directly
+    only raises "outside of the scope of a kernel". So the launch runs an interpreted copy of the kernel whose
+    globals are private (`_private_globals`): there, each device function is an interpreted copy with private
+    globals of its own, and `tl` is a view of triton.language that does the same. Nothing outside these copies
+    changes, except the interpreter's own patches of triton.language for the duration of the launch (as every
+    interpreted launch does; restored afterwards, checked by tests/test_kernels.py). Relies on
+    triton.runtime.interpreter internals (`FunctionRewriter`, `GridExecutor`).
     """
     from triton.runtime import interpreter
-    from triton.runtime.jit import JITFunction
 
     if isinstance(kernel, interpreter.InterpretedFunction):  # TRITON_INTERPRET=1 was set at import
         kernel[grid](*args, **kwargs)
         return
-
-    def call_interpreted(fn, *a, **kw):
-        return _interpreted(fn).rewrite()(*a, **kw)
-
     with _INTERPRETER_LOCK:
-        # Patch triton.language (our globals' `tl`) and triton.language.core (the library's) once for the
-        # whole launch, instead of once per device-function call as triton's own path does.
-        scopes = [interpreter._patch_lang(_token_stats_kernel.fn), interpreter._patch_lang(tl.standard.max.fn)]
-        original = JITFunction.__call__
-        JITFunction.__call__ = call_interpreted
-        try:
-            _interpreted(kernel)[grid](*args, **kwargs)
-        finally:
-            JITFunction.__call__ = original
-            for scope in reversed(scopes):
-                scope.restore()
+        fn = _rewritten(kernel.fn)
+        names = list(inspect.signature(kernel.fn).parameters)
+        interpreter.GridExecutor(fn, names, grid)(*args, **kwargs)
 
 
 def _launch_config(n_rows: int, n_cols: int, elem_size: int, noise: int, device: torch.device, cfg: KernelConfig):

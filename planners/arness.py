@@ -1,7 +1,7 @@
 """AR-ness of a denoising trajectory: how left-to-right a masked-diffusion decode really was.
 
 Definitions (Gong et al. 2025, "DiffuCoder: Understanding and Improving Masked Diffusion Models for Code
-Generation", arXiv 2506.20639, Sec. 4.1 and Appx. A.2; summarised in seed 003, "Degeneration to AR"):
+Generation", arXiv 2506.20639, Sec. 4.1 and Appx. A.2):
 with decoding order p_1, ..., p_T (the position unmasked at step t) and M_{t-1} the positions still masked
 just before step t,
 
@@ -9,7 +9,7 @@ just before step t,
     global AR-ness@k = (1/T) sum_t 1[ p_t is among the k leftmost positions of M_{t-1} ]       ("earliest mask")
 
 Local: the token just decoded, with the k decoded before it, forms a contiguous left-to-right run. Global
-(seed 003: "for each unmasked token, if it is the left-most unmasked token in the sequence, it is considered
+(DiffuCoder: "for each unmasked token, if it is the left-most unmasked token in the sequence, it is considered
 autoregressively generated"): the decoder took the first remaining mask. Both are 1 for AR decoding; local
 AR-ness does not rise with k, global AR-ness does not fall.
 

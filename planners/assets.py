@@ -67,22 +67,17 @@ def smollm2_hf_dir(progress: bool = False) -> Path:
     gguf = smollm2_gguf_path()
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as hf_logging
+
+    from realizers.gguf_weights import load_gguf_model, load_gguf_tokenizer
 
     if not progress:
         hf_logging.disable_progress_bar()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     try:
-        # dequantize=True explicitly: transformers 5.24 otherwise tries to keep GGUF weights quantized
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent),
-            gguf_file=gguf.name,
-            quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
-            dtype=torch.float32,
-        )
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = load_gguf_model(gguf, torch.float32)
+        tok = load_gguf_tokenizer(gguf)
         # the GGUF-quantised model refuses save_pretrained: write config + plain tensors ourselves
         config = model.config.to_dict()
         config.pop("quantization_config", None)

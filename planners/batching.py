@@ -8,7 +8,7 @@ inherit it) and sets `handle.cancelled` when the request goes away; the queued c
 
 What it does not know: who its callers are (an HTTP server, a benchmark), what a request is beyond a handle
 with an id and a cancelled flag, or where its counters are reported — `metrics` is any object with the
-`BatchStats` fields. Imports nothing from `hybrid`.
+`BatchStats` fields and its `add` / `peak` methods. Imports nothing from `hybrid`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,23 @@ from typing import Any
 
 @dataclass
 class BatchStats:
-    """The counters a `BatchingPlanner` updates (the server passes its own metrics object, with these fields)."""
+    """The counters a `BatchingPlanner` updates, through `add` / `peak` under a lock (the worker thread writes
+    them while others read). The server passes its own metrics object, with these fields and methods."""
 
     plan_batches: int = 0
     plan_rows: int = 0
     plan_max_batch: int = 0
     plans_skipped: int = 0  # queued planner calls dropped because their request was cancelled
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def peak(self, name: str, value: int) -> None:
+        with self._lock:
+            setattr(self, name, max(getattr(self, name), value))
 
 
 @dataclass
@@ -58,6 +69,7 @@ class _Job:
     config: Any  # SamplerConfig
     prompt_ids: list[int]
     span: list[int] | None = None  # redraw: the previous span with the positions to redraw set to the mask id
+    on_block: Any = None  # plan: `Planner.plan`'s progress callback (PlanProgress per finished block), if any
     handle: _Handle | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -83,7 +95,7 @@ class BatchingPlanner:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.planner = planner
         self.max_batch, self.window_s = max_batch, window_s
-        self.metrics = metrics or BatchStats()  # any object with BatchStats' fields
+        self.metrics = metrics or BatchStats()  # any object with BatchStats' fields, add and peak
         self._tok = threading.RLock()
         self._cv = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -124,20 +136,25 @@ class BatchingPlanner:
         with self._tok:
             return self.planner.decode(ids)
 
-    def plan(self, prompt, *, system: str | None = None, config=None, **overrides):
+    def plan(self, prompt, *, system: str | None = None, config=None, on_block=None, **overrides):
+        """As `Planner.plan`, batched: `on_block` gets this row's finished blocks, called from the worker thread
+        in a copy of the caller's context (context variables read as in the caller, as they do for a solo plan)."""
+        if on_block is not None:
+            caller, report = contextvars.copy_context(), on_block
+            on_block = lambda progress: caller.run(report, progress)  # noqa: E731
         cfg = config or self.planner.sampler
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
         ids = self.encode(prompt, system=system)
         self.planner.check_prompt(ids, cfg.gen_length)
-        return self._submit(_Job("plan", cfg, ids))
+        return self._submit(_Job("plan", cfg, ids, on_block=on_block))
 
     def redraw(self, previous, positions, *, config=None):
         """Remask `positions` (relative to the span) of a previous PlanResult and denoise them again."""
-        cfg = config or self.planner.sampler
+        from planners.planner import redraw_config
+
         span = list(previous.span or previous.tokens)
-        if len(span) != cfg.gen_length:  # as Planner.redraw: the span sets the length
-            cfg = dataclasses.replace(cfg, gen_length=len(span), steps=max(1, min(cfg.steps, len(span))))
+        cfg = redraw_config(config or self.planner.sampler, len(span))  # exactly as Planner.redraw
         mask_id = self.planner.model.config.mask_token_id
         for p in positions:
             if not 0 <= p < len(span):
@@ -179,7 +196,7 @@ class BatchingPlanner:
             for j in self._jobs:
                 if j.handle is not None and j.handle.cancelled.is_set():
                     j.future.set_exception(PlanCancelled(f"request {j.handle.rid} was cancelled"))
-                    self.metrics.plans_skipped += 1
+                    self.metrics.add(plans_skipped=1)
                 else:
                     live.append(j)
             if not live:
@@ -216,16 +233,15 @@ class BatchingPlanner:
         from planners.sampler import infill, sample
         from planners.strategies import COUNTED_COMMITS
 
-        m = self.metrics
-        m.plan_batches += 1
-        m.plan_rows += len(batch)
-        m.plan_max_batch = max(m.plan_max_batch, len(batch))
+        self.metrics.add(plan_batches=1, plan_rows=len(batch))
+        self.metrics.peak("plan_max_batch", len(batch))
         started = time.monotonic()
         cfg = batch[0].config
         prompts = [j.prompt_ids for j in batch]
         with torch.inference_mode():
             if batch[0].kind == "plan":
-                out = sample(self.planner.model, prompts, cfg)
+                out = self._sample(batch, prompts, cfg) if any(j.on_block for j in batch) else None
+                out = out or sample(self.planner.model, prompts, cfg)
             else:
                 out = infill(self.planner.model, [j.span for j in batch], cfg, prompts=prompts)
         per_pass = 2 if cfg.cfg_scale > 0 else 1
@@ -253,6 +269,32 @@ class BatchingPlanner:
             }
             results.append(PlanResult(text, tokens, list(j.prompt_ids), traj, stats, span=span))
         return results
+
+    def _sample(self, batch: list[_Job], prompts: list[list[int]], cfg: Any) -> Any:
+        """`sampler.sample` (which takes no block callback) with each finished block reported to the rows that
+        asked, exactly as `Planner.plan(on_block=...)` reports it for the same row alone. The batch stops early
+        only if every row asks it to (its callback returning True)."""
+        import torch
+
+        from planners.sampler import _device, _left_pad, _pad_id, denoise
+
+        model = self.planner.model
+        hooks = [self.planner._progress(j.on_block) if j.on_block else None for j in batch]  # each keeps its text
+        stop = [False] * len(batch)
+
+        def on_block(done: Any) -> bool:
+            for i, hook in enumerate(hooks):
+                if hook is not None:
+                    with self._tok:  # the hook decodes
+                        stop[i] = bool(hook(dataclasses.replace(done, span=done.span[i : i + 1])))
+            return all(stop)
+
+        ids, valid = _left_pad([list(p) for p in prompts], _pad_id(model))
+        masks = torch.full((len(prompts), cfg.gen_length), model.config.mask_token_id, dtype=torch.long)
+        x = torch.cat([ids, masks], 1)
+        valid = torch.cat([valid, torch.ones_like(masks, dtype=torch.bool)], 1)
+        dev = _device(model)
+        return denoise(model, x.to(dev), gen_start=ids.shape[1], config=cfg, valid=valid.to(dev), on_block=on_block)
 
 
 def _solo_trajectory(traj: Any, *, counted: bool, per_pass: int) -> Any:

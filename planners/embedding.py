@@ -15,6 +15,7 @@ import importlib.util
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,14 @@ def _load(model_dir: str, device: str) -> tuple[Any, Any]:
 class SentenceEmbedder:
     """Callable: ``embedder(texts) -> np.ndarray (N, 384)`` float32, rows L2-normalised (dot product = cosine).
 
-    Identical strings are embedded once per call, and recent results are kept in a small LRU cache,
-    since a trajectory's steps repeat the same text many times.
+    Identical strings are embedded once, and recent results are kept in a small LRU cache, since a
+    trajectory's steps repeat the same text many times.
+
+    Safe to call from many threads at once, and calls made together share forward passes: each call queues
+    the texts nobody has embedded yet, and whichever caller holds the model runs one forward over everything
+    queued by then — its own texts and those of every call that arrived meanwhile — so N concurrent scorings
+    cost about one batched forward, not N forwards in a row behind a lock. The cache lock is held only for
+    bookkeeping, never across a forward. `stats` counts calls, forwards and rows.
     """
 
     def __init__(
@@ -79,7 +86,11 @@ class SentenceEmbedder:
         self.max_length = max_length
         self.cache_size = cache_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()  # the LRU cache is shared by threads calling the same embedder
+        self._lock = threading.Lock()  # the cache, the queue and the stats (bookkeeping only)
+        self._model_lock = threading.Lock()  # one forward at a time: its holder embeds everything queued
+        self._queued: dict[str, Future] = {}  # texts waiting for a forward -> their result
+        self._running: dict[str, Future] = {}  # texts in the forward under way
+        self.stats = {"calls": 0, "forwards": 0, "rows": 0}
 
     @property
     def dim(self) -> int:
@@ -90,22 +101,57 @@ class SentenceEmbedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
-        with self._lock:
-            return self._embed_locked(texts)
-
-    def _embed_locked(self, texts: list[str]) -> np.ndarray:
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if todo:
-            for t, v in zip(todo, self._encode(todo), strict=True):
-                self._cache[t] = v
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = np.stack([self._cache[t] for t in texts])
-        for t in texts:
-            self._cache.move_to_end(t)
-        while len(self._cache) > max(self.cache_size, len(set(texts))):
-            self._cache.popitem(last=False)
-        return out
+        found: dict[str, np.ndarray] = {}
+        waiting: dict[str, Future] = {}
+        with self._lock:
+            self.stats["calls"] += 1
+            for t in dict.fromkeys(texts):
+                if t in self._cache:
+                    self._cache.move_to_end(t)
+                    found[t] = self._cache[t]
+                else:
+                    fut = self._running.get(t) or self._queued.get(t)
+                    if fut is None:
+                        fut = self._queued[t] = Future()
+                    waiting[t] = fut
+        while any(not f.done() for f in waiting.values()):
+            with self._model_lock:
+                try:
+                    self._run_queued()
+                except Exception:  # noqa: BLE001 - it reached the futures of the texts it was for
+                    pass
+        for t, f in waiting.items():
+            found[t] = f.result()  # raises the forward's error, if it failed
+        return np.stack([found[t] for t in texts])
+
+    def _run_queued(self) -> None:
+        """Embed every queued text in one go (the caller holds the model lock) and publish the results."""
+        with self._lock:
+            self._running, self._queued = self._queued, {}
+            todo = list(self._running)
+        if not todo:
+            return
+        try:
+            vectors = self._encode(todo)
+        except BaseException as e:
+            with self._lock:
+                running, self._running = self._running, {}
+            for f in running.values():
+                f.set_exception(e)
+            raise
+        with self._lock:
+            self.stats["forwards"] += 1
+            self.stats["rows"] += len(todo)
+            for t, v in zip(todo, vectors, strict=True):
+                self._cache[t] = v
+                self._cache.move_to_end(t)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            running, self._running = self._running, {}
+        for t, v in zip(todo, vectors, strict=True):
+            running[t].set_result(v)
 
     def cosine(self, a: str, b: str) -> float:
         va, vb = self.embed([a, b])

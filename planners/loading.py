@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from planners.model import AttentionPattern, BackboneConfig, DiffusionBackbone
+from planners.model import AttentionPattern, BackboneConfig, DiffusionBackbone, LoRALinear
 
 # --------------------------------------------------------------------------- tensor names
 
@@ -260,14 +260,9 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Dequantise a Llama-family GGUF through transformers (weights arrive as float32)."""
-    from transformers import AutoModelForCausalLM, GgufConfig
+    from realizers.gguf_weights import load_gguf_model
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent),
-        gguf_file=gguf_file.name,
-        quantization_config=GgufConfig(gguf_file=str(gguf_file), dequantize=True),
-        dtype=torch.float32,
-    )
+    model = load_gguf_model(gguf_file, torch.float32)
     hf = model.config.to_dict()
     state = {k: v for k, v in model.state_dict().items()}
     return hf, state
@@ -282,13 +277,15 @@ def load_backbone(
     block_size: int | None = None,
     mask_token_id: int | None = None,
     adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = False,
     **overrides: Any,
 ) -> DiffusionBackbone:
     """Load a planner backbone from a local checkpoint directory (config.json + safetensors) or a
     `.gguf` file. For AR (Llama-family) checkpoints, `mask_token_id` picks the vocabulary entry used as
     the mask (default: the config's, else an error), `attention`/`block_size` the attention pattern,
     and `adapter` a `.safetensors` file of trained adapter weights (LoRA + mask embedding) whose
-    sidecar `.json` holds the adaptation config."""
+    sidecar `.json` holds the adaptation config. `merge_adapter=True` folds the LoRA into the base weights
+    (`merge_lora`): an inference model whose forward pays no adapter matmuls and cannot switch it off."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"planner model path does not exist: {path}")
@@ -345,7 +342,37 @@ def load_backbone(
         model.add_lora(int(lora["lora_rank"]), float(lora.get("lora_alpha", 16.0)), tuple(lora.get("lora_targets", ())))
     if adapter is not None:
         load_adapter(model, adapter)
+    if merge_adapter:
+        merge_lora(model)
     return model.eval()
+
+
+@torch.no_grad()
+def merge_lora(model: DiffusionBackbone) -> DiffusionBackbone:
+    """Fold every LoRA adapter into its base linear, in place: W <- W + (alpha / r) B A, computed in float32
+    and cast back to the weight's dtype; each `LoRALinear` is replaced by its (now merged) base `nn.Linear`.
+
+    A forward then costs what the base model costs (the unmerged path adds two thin matmuls per projection,
+    7 x 30 of them for SmolLM2-135M). Adapters that were switched off are dropped, not merged. Afterwards the
+    model has no adapter to train or to switch off (`set_adapter_enabled(False)` raises), and
+    `config.lora_rank` is 0; load with `merge_adapter=False` to keep it (training, adapter-off scoring).
+    Returns the model."""
+    merged = 0
+    for block in model.layers:
+        for parent in block.children():
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, LoRALinear):
+                    continue
+                base = child.base
+                if child.enabled:
+                    delta = child.scale * (child.lora_b.float() @ child.lora_a.float())  # (out, in)
+                    base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+                setattr(parent, name, base)
+                merged += 1
+    if merged:
+        model.config = BackboneConfig.from_dict({**model.config.to_dict(), "lora_rank": 0})
+        model.lora_merged = True
+    return model
 
 
 def load_adapter(model: DiffusionBackbone, adapter: str | os.PathLike) -> None:

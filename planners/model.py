@@ -269,6 +269,11 @@ class DiffusionBackbone(nn.Module):
         self.config = _replace(self.config, lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
 
     def set_adapter_enabled(self, enabled: bool) -> None:
+        if getattr(self, "lora_merged", False) and not enabled:
+            raise RuntimeError(
+                "the LoRA adapter is merged into the weights (planners.loading.merge_lora): it cannot "
+                "be switched off; load with merge_adapter=False for the untouched base model"
+            )
         for m in self.modules():
             if isinstance(m, LoRALinear):
                 m.enabled = enabled
@@ -292,6 +297,17 @@ class DiffusionBackbone(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    # -- the planner-model interface the sampler calls (planners.llama_engine implements it too) -----------
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, valid: torch.Tensor, *, gen_start: int) -> KVCache:
+        """K/V buffers for one denoising run over sequences shaped like `valid` (B, L) (gen_start: where the span
+        starts; the torch model does not need it, engines that keep only final K/V do)."""
+        w = self.embed_tokens.weight
+        return KVCache.allocate(self.config, valid.shape[0], valid.shape[1], dtype=w.dtype, device=w.device)
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -313,8 +329,9 @@ class DiffusionBackbone(nn.Module):
             h = layer(h, cos, sin, attention_mask, cache, i, cache_start)
         return self.norm(h)
 
-    def forward(self, input_ids: torch.Tensor, **kw) -> torch.Tensor:
-        """Logits (B, Lq, V) in the model's dtype. Keyword arguments as `hidden_states`."""
+    def forward(self, input_ids: torch.Tensor, *, final: int | None = None, **kw) -> torch.Tensor:
+        """Logits (B, Lq, V) in the model's dtype. Keyword arguments as `hidden_states`; `final` (positions before
+        it hold final tokens) is for engines that keep only final K/V: this model recomputes what it is given."""
         h = self.hidden_states(input_ids, **kw)
         return h @ self.output_weight().t()
 

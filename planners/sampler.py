@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ from planners.strategies import (
 )
 from planners.trajectory import Trajectory
 
-__all__ = ["SampleOutput", "SamplerConfig", "denoise", "infill", "sample"]
+__all__ = ["BlockDone", "SampleOutput", "SamplerConfig", "denoise", "infill", "sample"]
 
 
 def _one_of(name: str, value: str, valid) -> None:
@@ -81,6 +82,7 @@ class SamplerConfig:
     schedule_eps: float = 1e-3  # Dream's final timestep
     threshold: float = 0.9  # commit="threshold": tau (in the confidence's units)
     eb_gamma: float = 0.1  # commit="entropy_bounded": entropy budget per step, nats
+    commit_policy: str | None = None  # commit="learned": policy weights (.safetensors); None = the shipped one
     remask: Remask = "none"
     remask_threshold: float = 0.1  # remask committed tokens whose current probability is below this ...
     remask_fraction: float = 0.1  # ... at most this fraction of the block per step; each position once
@@ -128,6 +130,10 @@ class SamplerConfig:
             raise ValueError(f"schedule_eps must be in (0, 1), got {self.schedule_eps}")
         if self.confidence in ("max_prob", "margin", "random") and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1] for confidence={self.confidence!r}, got {self.threshold}")
+        if self.commit == "learned":
+            from planners.commit_policy import load_commit_policy
+
+            load_commit_policy(self.commit_policy)  # a missing or unreadable file fails here, by name
         if not self.eb_gamma > 0:
             raise ValueError(f"eb_gamma must be > 0, got {self.eb_gamma}")
         if not 0 <= self.remask_threshold <= 1:
@@ -172,6 +178,21 @@ class SampleOutput:
         return [r[:n] for r, n in zip(rows, self.lengths, strict=True)]
 
 
+@dataclass(frozen=True)
+class BlockDone:
+    """A block that just became final, as `denoise(on_block=...)` reports it."""
+
+    block: int  # index of the block in the span
+    final: int  # span positions [0, final) are final (the block's end, relative to gen_start)
+    span: torch.Tensor  # (B, gen_length) on the host: tokens so far (mask ids after `final`)
+    nfe: int  # forward passes spent so far
+    seconds: float  # since denoise was called
+    ended: bool  # every row has a stop id in its final part, or this was the last block: nothing more to say
+
+
+BlockCallback = Callable[[BlockDone], bool | None]
+
+
 # ----------------------------------------------------------------------------- step pieces
 
 
@@ -190,13 +211,14 @@ class _Run:
     pos_ids: torch.Tensor  # (B', L); B' = 2B with CFG
     attn: torch.Tensor | None  # (B', 1, L, L) bool, or None for full attention without padding
     uncond_fixed: torch.Tensor  # (B, L) bool: what CFG's unconditional rows mask
-    cache: KVCache | None
+    cache: KVCache | Any  # None without a cache; a torch KVCache, or an engine's handle (model.new_cache)
     generator: torch.Generator | None
 
 
-def _forward(run: _Run, x: torch.Tensor, win: Window) -> torch.Tensor:
-    """Logits (B, end - start, V) for the window. With CFG the unconditional rows (initially fixed tokens
-    masked: LLaDA's `prompt_index`) run in the same batch and are combined as un + (w + 1)(cond - un)."""
+def _forward(run: _Run, x: torch.Tensor, win: Window, final: int) -> torch.Tensor:
+    """Logits (B, end - start, V) for the window; positions before `final` hold final tokens (engines that
+    keep only final K/V use it). With CFG the unconditional rows (initially fixed tokens masked: LLaDA's
+    `prompt_index`) run in the same batch and are combined as un + (w + 1)(cond - un)."""
     a, b = win.start, win.end
     ids = x[:, a:b]
     w = run.config.cfg_scale
@@ -208,6 +230,7 @@ def _forward(run: _Run, x: torch.Tensor, win: Window) -> torch.Tensor:
         position_ids=run.pos_ids[:, a:b],
         cache=run.cache,
         cache_start=a if run.cache is not None else 0,
+        final=final,
     )
     if w > 0:
         cond, un = logits.chunk(2)
@@ -268,6 +291,7 @@ def denoise(
     config: SamplerConfig,
     valid: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    on_block: BlockCallback | None = None,
 ) -> SampleOutput:
     """Fill every mask id of x (B, L); x itself is not modified.
 
@@ -276,7 +300,11 @@ def denoise(
     sit anywhere in it (infilling, revision); masks before gen_start (a prompt with masked slots) are filled
     together with the first block (they are not part of the trajectory, which covers the span).
     valid: (B, L) bool, False at padding (default: all real). generator: the noise source (default: a
-    generator seeded with config.seed, else torch's global one)."""
+    generator seeded with config.seed, else torch's global one).
+    on_block: called after each block is final (its tokens never change again: semi-autoregressive decoding)
+    with a `BlockDone` — the span so far on the host, the NFE spent, the seconds since the call — so callers
+    can stream finished blocks (a plan as it forms, diffusion mode's answer). One host read per block, only
+    when given; return True from it to stop after this block (e.g. a client went away)."""
     t0 = time.perf_counter()
     mc, cfg = model.config, config
     _check_model(model, cfg)
@@ -296,9 +324,8 @@ def denoise(
     if mc.attention != "full" or not bool(valid.all()):  # one host read, before the loop
         attn = attention_mask(valid, pattern=mc.attention, gen_start=gen_start, block_size=mc.block_size)
     cache = None
-    if cfg.cache != "none":
-        p = next(model.parameters())
-        cache = KVCache.allocate(mc, bsz * cfg2, length, dtype=p.dtype, device=dev)
+    if cfg.cache != "none":  # the model's own kind of cache: a torch KVCache, or an engine's handle
+        cache = model.new_cache(valid.repeat(cfg2, 1), gen_start=gen_start)
     run = _Run(
         model=model,
         config=cfg,
@@ -318,6 +345,11 @@ def denoise(
     stats_fn = PRECISIONS[cfg.precision]
     conf_fn, commit_fn, window_fn = CONFIDENCES[cfg.confidence], COMMITS[cfg.commit], CACHES[cfg.cache]
     counted = cfg.commit in COUNTED_COMMITS
+    policy = None
+    if cfg.commit == "learned":
+        from planners.commit_policy import load_commit_policy
+
+        policy = load_commit_policy(cfg.commit_policy, dev)
 
     cols = masked0.any(0).nonzero()
     first_masked = int(cols[0]) if len(cols) else gen_start  # host read, once
@@ -344,7 +376,7 @@ def denoise(
                 if not counted and not bool(blk_masked.any()):  # dynamic rules: the block is done (host read)
                     break
             win = window_fn(refresh=i == 0, lo=lo, hi=hi, length=length, shift=shift, causal=run.causal, fresh=fresh)
-            logits = _forward(run, x, win)
+            logits = _forward(run, x, win, lo)
             if cache is not None and i == 0:
                 fresh = lo  # this refresh recomputed [fresh, lo) from final tokens
             preds = _aligned(logits, win.start, lo, hi, shift)  # (B, W, V)
@@ -360,8 +392,13 @@ def denoise(
                 count = None
                 if counted:
                     count = SCHEDULES[cfg.schedule](blk_masked.sum(-1), m_start, i, spb, cfg.schedule_eps)
+                extra = {}
+                if policy is not None:  # what the learned rule reads (planners.commit_policy.features)
+                    left = x[:, lo - 1 : lo] if lo > 0 else torch.full_like(x[:, :1], mask_id)
+                    extra = dict(stats=st, context=torch.cat([left, x[:, lo:hi]], 1), step=i, block=block,
+                                 num_blocks=len(blocks), stop_ids=stop_ids, policy=policy)  # fmt: skip
                 commit = commit_fn(
-                    CommitInputs(score, conf, st.entropy, blk_masked, count, cfg.threshold, cfg.eb_gamma)
+                    CommitInputs(score, conf, st.entropy, blk_masked, count, cfg.threshold, cfg.eb_gamma, **extra)
                 )
             x_blk = x[:, lo:hi].clone() if rec is not None or cfg.remask != "none" else None
             span_before = x[:, gen_start:].clone() if rec is not None else None
@@ -392,6 +429,14 @@ def denoise(
             x[:, hi:] = x[:, hi:].masked_fill(fill, mc.eos_token_id)
             if rec is not None:
                 rec.filled(torch.cat([torch.zeros_like(x[:, gen_start:hi], dtype=torch.bool), fill], 1))
+        if on_block is not None:
+            span = x[:, gen_start:].cpu()  # (B, gen_length): final up to hi - gen_start (one host read per block)
+            ended = bool(torch.isin(span[:, : hi - gen_start], stop_ids.cpu()).any(-1).all())
+            ended = ended or block == len(blocks) - 1
+            done = BlockDone(block, hi - gen_start, span, steps * cfg2, time.perf_counter() - t0, ended)
+            if on_block(done) and not ended:
+                x[:, hi:] = x[:, hi:].masked_fill(x[:, hi:] == mask_id, mc.eos_token_id)  # stop: rest is EOS
+                break
 
     step_seconds = clock.seconds()
     tokens = x[:, gen_start:].clone()
@@ -434,8 +479,8 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, valid
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _device(model: DiffusionBackbone) -> torch.device:
+    return model.device
 
 
 def sample(

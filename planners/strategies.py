@@ -22,7 +22,7 @@ from kernels.sampling_stats import TokenStats, token_stats
 Precision = Literal["float32", "float64"]
 Confidence = Literal["random", "max_prob", "entropy", "margin"]
 Schedule = Literal["llada", "dream"]
-Commit = Literal["static", "threshold", "dilated", "entropy_bounded"]
+Commit = Literal["static", "threshold", "dilated", "entropy_bounded", "learned"]
 Remask = Literal["none", "low_confidence"]
 Cache = Literal["none", "prefix", "dual"]
 EarlyStop = Literal["off", "all", "any"]
@@ -171,6 +171,14 @@ class CommitInputs:
     count: torch.Tensor | None  # (B,) tokens to commit, from the schedule (count-based rules only)
     threshold: float
     gamma: float
+    # what a learned rule reads besides (the sampler fills these; hand-set rules ignore them)
+    stats: TokenStats | None = None  # the step's token statistics (token, prob, entropy, margin), (B, W) each
+    context: torch.Tensor | None = None  # (B, W + 1) tokens now: the one left of the block, then the block
+    step: int = 0  # denoising step inside the block
+    block: int = 0  # block index in the span
+    num_blocks: int = 1
+    stop_ids: torch.Tensor | None = None  # (S,) ids that end an answer
+    policy: Callable[[CommitInputs], torch.Tensor] | None = None  # commit="learned": P(final), (B, W)
 
 
 def commit_static(c: CommitInputs) -> torch.Tensor:
@@ -207,11 +215,32 @@ def commit_entropy_bounded(c: CommitInputs) -> torch.Tensor:
     return keep & c.masked
 
 
+def commit_learned(c: CommitInputs) -> torch.Tensor:
+    """Learned parallel decoding (Learn2PD, arXiv 2509.25188; `planners.commit_policy`): the top-1 masked
+    position by score always (so a policy that never fires is one-token-per-pass decoding), plus every masked
+    position the policy calls final with P(final) >= threshold.
+
+    End of answer: once a stop id is committed in the block (now or earlier), the masked positions right of
+    it are committed too — the answer ends at the first stop id, so what fills them cannot change it, and the
+    block (and, with `eos_early_stop`, the span) is done without more passes."""
+    if c.policy is None:
+        raise ValueError("commit='learned' needs a commit policy (SamplerConfig.commit_policy; the sampler loads it)")
+    top1 = top_k_mask(c.score, torch.ones_like(c.score[:, 0], dtype=torch.long))
+    commit = (top1 | (c.policy(c) >= c.threshold)) & c.masked
+    if c.stats is not None and c.context is not None and c.stop_ids is not None:
+        tokens = torch.where(commit, c.stats.token, c.context[:, 1:])  # (B, W) the block after this commit
+        stop = torch.isin(tokens, c.stop_ids) & (commit | ~c.masked)
+        after_stop = (stop.long().cumsum(-1) - stop.long()) > 0  # strictly right of a committed stop id
+        commit = commit | (after_stop & c.masked)
+    return commit
+
+
 COMMITS: dict[str, Callable[[CommitInputs], torch.Tensor]] = {
     "static": commit_static,
     "threshold": commit_threshold,
     "dilated": commit_dilated,
     "entropy_bounded": commit_entropy_bounded,
+    "learned": commit_learned,
 }
 COUNTED_COMMITS = frozenset({"static", "dilated"})  # need a count schedule (and LLaDA's divisibility rules)
 

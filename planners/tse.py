@@ -391,6 +391,55 @@ def mean_token_entropy(trajectory: Trajectory, *, skip_ratio: float = 0.0) -> fl
     return sum(vals) / len(vals) if vals else None
 
 
+def final_confidence(trajectory: Trajectory, *, stop_ids: Sequence[int] = ()) -> float | None:
+    """Mean confidence of the committed tokens of the final span (each position's last commit), up to the first
+    stop id of ``trajectory.final`` when ``stop_ids`` is given. None if nothing was committed there."""
+    conf: dict[int, float] = {}
+    for s in trajectory.steps:
+        for p, c in zip(s.committed, s.confidences, strict=False):
+            conf[p] = float(c)
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(trajectory.final) if t in stops), trajectory.gen_length)
+    vals = [c for p, c in conf.items() if p < end]
+    return sum(vals) / len(vals) if vals else None
+
+
+# --------------------------------------------------------------------------------------- degenerate drafts
+
+_WORD_RE = re.compile(r"\w+(?:'\w+)?")
+
+
+def degeneracy(text: str, *, min_words: int = 2) -> str | None:
+    """Why a draft is degenerate, or None. Checked on the words of the text (case-folded):
+
+    - near-empty: fewer than ``min_words`` words;
+    - a loop: one word three times in a row ("a a a"), or a phrase of 2-8 words three times in a row
+      ("tea of tea of tea of");
+    - a phrase of 3+ words repeated three times anywhere ("you will need ... you will need ... you will need").
+
+    Fluent short plans rarely do any of these; the small planner's failure mode (measured in
+    benchmarks/README.md, "TSE as a signal") does."""
+    words = [w.casefold() for w in _WORD_RE.findall(text)]
+    if len(words) < min_words:
+        return f"near-empty ({len(words)} word{'s' if len(words) != 1 else ''})"
+    n = len(words)
+    for size in range(1, 9):
+        for i in range(0, n - 3 * size + 1):
+            a = words[i : i + size]
+            if a == words[i + size : i + 2 * size] == words[i + 2 * size : i + 3 * size]:
+                return f"loop: {' '.join(a)!r} three times in a row"
+    for size in range(3, 9):
+        seen: dict[tuple[str, ...], list[int]] = {}
+        for i in range(n - size + 1):
+            key = tuple(words[i : i + size])
+            starts = seen.setdefault(key, [])
+            if not starts or i - starts[-1] >= size:  # non-overlapping occurrences
+                starts.append(i)
+                if len(starts) >= 3:
+                    return f"repeated phrase: {' '.join(key)!r} three times"
+    return None
+
+
 # -------------------------------------------------------------------------------------- config + driver
 
 
@@ -434,9 +483,34 @@ class TrajectoryScore:
     final_answer: str | None  # extracted from the last step's x0-hat
     detail: TSEResult = field(repr=False)
     config: dict[str, Any] = field(default_factory=dict)
+    final_confidence: float | None = None  # mean commit confidence over the final span (see final_confidence)
+    degenerate: str | None = None  # why the final text is degenerate (see degeneracy), None if it is not
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def signals(self) -> dict[str, float | None]:
+        """Every registered signal, oriented so that higher means less trustworthy."""
+        return {name: fn(self) for name, fn in SIGNALS.items()}
+
+    def value(self, signal: str) -> float:
+        """The named signal (higher = less trustworthy); +inf when it is undefined or the draft is degenerate,
+        so a degenerate or unscorable draft is never accepted."""
+        v = _lookup(SIGNALS, signal, "signal")(self)
+        if self.degenerate is not None or v is None or math.isnan(v):
+            return math.inf
+        return float(v)
+
+
+# Signals for "this draft is wrong", all oriented higher = less trustworthy (benchmarks/bench_tse.py measures
+# each one's AUROC; config `score.signal` picks the one the graph accepts or revises on).
+SIGNALS: dict[str, Callable[[TrajectoryScore], float | None]] = {
+    "tse": lambda s: s.tse,
+    "flip_rate": lambda s: s.flip_rate,
+    "mean_entropy": lambda s: s.mean_entropy,
+    "low_confidence": lambda s: None if s.final_confidence is None else 1.0 - s.final_confidence,
+    "vote_dissent": lambda s: 1.0 - s.vote_share,
+}
 
 
 def score_trajectory(
@@ -447,20 +521,30 @@ def score_trajectory(
     embed: EmbedFn | None = None,
     extract: Extractor | None = None,
     cluster: Clusterer | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> TrajectoryScore:
     """Decode every step's x0-hat, extract, cluster once, and return TSE, vote, flip rate and mean entropy.
 
     Identical x0-hat rows are decoded once. ``embed`` overrides the default MiniLM embedder; ``extract`` and
-    ``cluster`` override the config's registered extractor / clusterer with any callable.
+    ``cluster`` override the config's registered extractor / clusterer with any callable. ``stop_ids`` end the
+    span for the final confidence; the degeneracy check reads the decoded final span.
     """
     cfg = config or TSEConfig()
     cache: dict[tuple[int, ...], str | None] = {}
+    texts: dict[tuple[int, ...], str] = {}
+
+    def text_of(ids: Sequence[int]) -> str:
+        key = tuple(ids)
+        if key not in texts:
+            texts[key] = decode(ids)
+        return texts[key]
+
     extract = extract or get_extractor(cfg.extractor)
     answers: list[str | None] = []
     for s in trajectory.steps:
         key = tuple(s.x0_hat)
         if key not in cache:
-            cache[key] = extract(decode(s.x0_hat))
+            cache[key] = extract(text_of(s.x0_hat))
         answers.append(cache[key])
     res = temporal_semantic_entropy(
         answers,
@@ -484,7 +568,16 @@ def score_trajectory(
         final_answer=answers[-1] if answers else None,
         detail=res,
         config=cfg.to_dict(),
+        final_confidence=final_confidence(trajectory, stop_ids=stop_ids),
+        degenerate=degeneracy(text_of(_final_span(trajectory, stop_ids))),
     )
+
+
+def _final_span(trajectory: Trajectory, stop_ids: Sequence[int]) -> list[int]:
+    """The final tokens up to the first stop id (all of them without stop ids)."""
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(trajectory.final) if t in stops), trajectory.gen_length)
+    return list(trajectory.final[:end])
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -52,6 +52,7 @@ class SamplingParams:
     stop: Sequence[str] | None = None
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    stop_loops: bool = False  # embedded realizers: end the stream at a repetition loop (realizers/loops.py)
 
 
 @dataclass

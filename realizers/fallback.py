@@ -5,15 +5,17 @@ streams the same request from `fallback` and skips the primary for `retry_after_
 out is raised: the caller already has part of the answer.
 
 What it does not know: which models or servers stand behind either realizer, or where its counter is reported
-— `metrics` is any object with a `fallbacks` field (`FallbackStats` by default). Imports nothing from `hybrid`.
+— `metrics` is any object with a `fallbacks` field and an `add` method (`FallbackStats` by default). Imports
+nothing from `hybrid`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from realizers.base import RealizerError, SamplingParams, StreamEvent, TextDelta
@@ -23,9 +25,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FallbackStats:
-    """The counter a `FallbackRealizer` updates (the server passes its own metrics object, with this field)."""
+    """The counter a `FallbackRealizer` updates through `add`, under a lock (the server passes its own metrics
+    object, with this field and method)."""
 
     fallbacks: int = 0  # requests the fallback realizer answered
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, n in deltas.items():
+                setattr(self, name, getattr(self, name) + n)
 
 
 class FallbackRealizer:
@@ -36,7 +45,7 @@ class FallbackRealizer:
     def __init__(self, primary: Any, fallback: Any, *, retry_after_s: float = 5.0, metrics: Any = None):
         self.primary, self.fallback = primary, fallback
         self.retry_after_s = retry_after_s
-        self.metrics = metrics or FallbackStats()  # any object with a `fallbacks` field
+        self.metrics = metrics or FallbackStats()  # any object with a `fallbacks` field and `add`
         self._down_until = 0.0
         self.name = f"{primary.name} (fallback: {fallback.name})"
 
@@ -54,7 +63,7 @@ class FallbackRealizer:
                     raise
                 self._down_until = time.monotonic() + self.retry_after_s
                 log.warning("primary realizer failed (%s); using the fallback for %.0f s", e, self.retry_after_s)
-        self.metrics.fallbacks += 1
+        self.metrics.add(fallbacks=1)
         async for ev in self.fallback.astream(messages, params):
             yield ev
 

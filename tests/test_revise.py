@@ -130,15 +130,18 @@ class Scripted:
         self.scores = list(scores)
         self.calls: list[tuple[list[int], list[int]]] = []
         self.traj = traj
+        self.seeds: list[int | None] = []
 
-    def redraw(self, tokens: list[int], positions: list[int]) -> Draft:
+    def redraw(self, tokens: list[int], positions: list[int], seed: int | None = None) -> Draft:
         self.calls.append((list(tokens), list(positions)))
+        self.seeds.append(seed)
         fill = 100 + len(self.calls)
         out = [fill if t == MASK else t for t in tokens]
         return Draft(out, self.traj, info={"n": len(self.calls)})
 
-    def resample(self) -> Draft:
+    def resample(self, seed: int | None = None) -> Draft:
         self.calls.append(([], []))
+        self.seeds.append(seed)
         return Draft(list(FINAL), self.traj, info={"n": len(self.calls)})
 
     def score(self, d: Draft) -> float:
@@ -227,14 +230,14 @@ def test_resample_mode_and_argument_checks():
 def test_redraw_contract_and_error_recording():
     t = make_traj(COMMITS, FINAL)
 
-    def bad(tokens, positions):  # changes a fixed position
+    def bad(tokens, positions, seed):  # changes a fixed position
         return Draft([7] * len(tokens), t, info={"n": 1})
 
     with pytest.raises(ValueError, match="fixed positions"):
         revise(initial(), redraw=bad, score=lambda d: 1.0, threshold=0.5, max_attempts=1)
     calls = []
 
-    def flaky(tokens, positions):
+    def flaky(tokens, positions, seed):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("sampler fell over")
@@ -244,3 +247,74 @@ def test_redraw_contract_and_error_recording():
     assert r.attempts[0].error == "RuntimeError: sampler fell over" and r.attempts[0].score == math.inf
     assert r.accepted and r.best_attempt == 2 and len(calls) == 2
     json.dumps(r.to_dict())
+
+
+# ------------------------------------------------------------------- one policy: avoid, seeds, full span
+
+
+def test_avoid_never_repeats_the_previous_positions():
+    t = make_traj(COMMITS, FINAL)
+    first = select_remask_span(t, 0.34, "latest", stop_ids={EOS})
+    second = select_remask_span(t, 0.34, "latest", stop_ids={EOS}, avoid=first)
+    assert first == [4, 5] and second != first and not set(second) & set(first)
+    # everything already tried: nothing left (a repeat would redraw the same thing)
+    assert select_remask_span(t, 1.0, "latest", stop_ids={EOS}, avoid=range(6)) == []
+    # fewer fresh positions than the budget: fresh first, then the best-ranked of the avoided ones
+    pos = select_remask_span(t, 0.5, "latest", stop_ids={EOS}, avoid=[1, 2, 3, 4, 5])
+    assert 0 in pos and pos != [1, 2, 3, 4, 5][: len(pos)]
+
+
+def test_attempts_on_an_unchanged_draft_differ_and_have_their_own_seeds():
+    s = Scripted([5.0] * 4, make_traj(COMMITS, FINAL))  # nothing ever improves: the best draft stays the same
+    r = revise(initial(), redraw=s.redraw, score=s.score, threshold=0.5, max_attempts=4, stop_ids={EOS}, seed=7)
+    positions = [a.positions for a in r.attempts]
+    assert len(positions) >= 2
+    for a, b in zip(positions, positions[1:], strict=False):
+        assert a != b  # never the same positions twice in a row for the same draft
+    assert s.seeds == [8, 9, 10, 11][: len(s.seeds)] and len(set(s.seeds)) == len(s.seeds)
+
+
+def test_an_improving_attempt_resets_the_avoid_list():
+    s = Scripted([1.0, 0.9], make_traj(COMMITS, FINAL))
+    r = revise(initial(), redraw=s.redraw, score=s.score, threshold=0.5, max_attempts=2, stop_ids={EOS})
+    assert [a.improved for a in r.attempts] == [True, True]  # a new best draft: selection starts afresh
+
+
+def test_compose_trajectory_replays_the_parent_for_frozen_positions():
+    from planners.revise import compose_trajectory
+
+    # parent: p0 flips at step 2 (unstable); p1..p3 stable
+    parent = make_traj(
+        [[(0, 0.5)], [(1, 0.9)], [(2, 0.8)], [(3, 0.7)]],
+        [10, 11, 12, 13],
+        x0=[[1, 11, 12, 13], [1, 11, 12, 13], [10, 11, 12, 13], [10, 11, 12, 13]],
+    )
+    # child: a redraw of p3 only, two steps; frozen positions are fixed from its step 0
+    child = make_traj([[], [(3, 0.95)]], [10, 11, 12, 20], x0=[[10, 11, 12, 21], [10, 11, 12, 20]])
+    comp = compose_trajectory(parent, child, [3])
+    assert len(comp.steps) == 4 and comp.final == [10, 11, 12, 20] and comp.nfe == child.nfe
+    # frozen p0 keeps its history (the flip), redrawn p3 carries the child's history
+    assert [s.x0_hat[0] for s in comp.steps] == [1, 1, 10, 10]
+    assert [s.x0_hat[3] for s in comp.steps] == [21, 21, 20, 20]
+    # commits: the parent's for frozen positions, the child's for p3 (never the parent's p3 commit)
+    conf = commit_confidences(comp)
+    assert conf[:3] == [0.5, 0.9, 0.8] and conf[3] == 0.95
+    assert parent.steps[0].x0_hat == [1, 11, 12, 13]  # inputs untouched
+
+
+def test_a_frozen_redraw_does_not_score_as_stable_by_construction():
+    """The redraw's own trajectory would score 0 flips on frozen positions; the composed one keeps the
+    parent's instability there, so a candidate that changed nothing is not favoured."""
+    from planners.revise import compose_trajectory
+    from planners.tse import score_trajectory
+
+    x0 = [[1, 2, 3, 4], [5, 2, 3, 4], [1, 2, 3, 4], [5, 2, 3, 4]]
+    parent = make_traj([[(0, 0.5)], [(1, 0.5)], [(2, 0.5)], [(3, 0.5)]], [5, 2, 3, 4], x0=x0)
+    child = make_traj([[(3, 0.5)]], [5, 2, 3, 4])  # redrew p3 to the same token, one step
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    from planners.tse import TSEConfig
+
+    cfg = TSEConfig(clusterer="exact", skip_ratio=0.0)
+    alone = score_trajectory(child, decode, cfg).tse
+    fair = score_trajectory(compose_trajectory(parent, child, [3]), decode, cfg).tse
+    assert alone == 0.0 and fair == pytest.approx(score_trajectory(parent, decode, cfg).tse) and fair > 0

@@ -211,11 +211,15 @@ def test_non_streamed_answer_carries_plan_usage_and_timings(served):
     d = r.json()
     msg = d["choices"][0]["message"]
     assert d["object"] == "chat.completion" and msg["role"] == "assistant"
-    assert msg["content"] and msg["reasoning_content"]  # the answer, and the plan beside it
+    assert msg["content"]
+    h = d["hybrid"]
+    if h["accepted"]:
+        assert msg["reasoning_content"]  # the plan handed to the realizer, beside the answer
+    else:  # an untrusted plan is not handed over: the realizer answered alone, and says so
+        assert msg["reasoning_content"] is None and any("not accepted" in w for w in h["warnings"])
     assert d["choices"][0]["finish_reason"] in ("stop", "length")
     assert 0 < d["usage"]["completion_tokens"] <= 8
     assert d["usage"]["total_tokens"] == d["usage"]["prompt_tokens"] + d["usage"]["completion_tokens"]
-    h = d["hybrid"]
     assert h["mode"] == "hybrid" and h["tse"] is not None and h["revisions"] in (0, 1)
     assert h["timings"]["plan_ms"] > 0 and h["timings"]["ttft_ms"] >= h["timings"]["plan_ms"]
 
@@ -244,16 +248,24 @@ def test_openai_client_streams_plan_as_reasoning_then_content(served):
 
     chunks, ar = asyncio.run(go())
     assert chunks[0].choices[0].delta.role == "assistant"
-    kinds = []  # the order a voice client sees: reasoning (plan) first, then content
+    kinds, reasoning = [], ""  # what a voice client sees: reasoning (the plan as it forms) first, then content
     for c in chunks:
         if c.choices and (c.choices[0].delta.model_extra or {}).get("reasoning_content"):
             kinds.append("plan")
+            reasoning += c.choices[0].delta.model_extra["reasoning_content"]
         elif c.choices and c.choices[0].delta.content:
             kinds.append("content")
-    assert kinds[0] == "plan" and kinds.count("plan") == 1 and "content" in kinds
-    plan_chunk = next(c for c in chunks if c.choices and c.choices[0].delta.model_extra.get("reasoning_content"))
+    assert kinds[0] == "plan" and "content" in kinds
+    assert "plan" not in kinds[kinds.index("content") :]
+    (plan_chunk,) = [c for c in chunks if (c.model_extra.get("hybrid") or {}).get("event") == "plan"]
     info = plan_chunk.model_extra["hybrid"]
-    assert info["event"] == "plan" and info["nfe"] > 0 and info["plan_ms"] > 0 and "tse" in info
+    assert info["nfe"] > 0 and info["plan_ms"] > 0 and "tse" in info and "value" in info["score"]
+    # the plan handed to the realizer travels in the hybrid object: what streamed as reasoning, unless a revision
+    # changed it; none when no draft was accepted (the realizer then answers alone)
+    if info["plan"] is not None:
+        assert reasoning.strip() == info["plan"].strip() or info["plan_revised"]
+    else:
+        assert info["accepted"] is False
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0].model_extra["hybrid"]["timings"]["server_ttft_ms"] > 0
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0  # include_usage: the last chunk
@@ -297,6 +309,33 @@ def test_batched_plans_equal_solo_plans(planner, commit):
         assert [s.x0_hat for s in a.trajectory.steps] == [s.x0_hat for s in b.trajectory.steps]
         assert [s.committed for s in a.trajectory.steps] == [s.committed for s in b.trajectory.steps]
         assert a.stats["nfe"] == b.stats["nfe"] and b.stats["batch_size"] == len(questions)
+
+
+def test_batched_plans_report_the_blocks_solo_plans_report(planner):
+    """`on_block` through the batching planner: each row is told of its finished blocks exactly as the same
+    plan drafted alone tells them (the plan node streams these as `plan_block` events)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hybrid import prompts
+
+    questions = ["Hi", QUESTION, "Explain in detail how a bicycle gear system works, please."]
+
+    def drafted(plan_fn, q):
+        seen = []
+        result = plan_fn(prompts.plan_messages(q), on_block=lambda p: seen.append(p) and None)
+        return result, [(p.block, p.text, p.delta, p.tokens, p.ended) for p in seen]
+
+    solo = [drafted(planner.plan, q) for q in questions]
+    batcher = BatchingPlanner(planner, max_batch=8, window_s=0.3)
+    try:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            batched = list(pool.map(lambda q: drafted(batcher.plan, q), questions))
+    finally:
+        batcher.close()
+    assert batcher.metrics.plan_max_batch == len(questions)
+    for (a, a_blocks), (b, b_blocks) in zip(solo, batched, strict=True):
+        assert a.text == b.text and a_blocks == b_blocks and a_blocks
+        assert a_blocks[-1][1] == a.text  # the last block's text is the plan
 
 
 # ============================================================================================ load
@@ -448,3 +487,119 @@ def test_realizer_server_killed_mid_run(planner, smol_realizer, tmp_path):
     finally:
         if up.proc is not None and up.proc.poll() is None:
             up.kill()
+
+
+# ============================================================================================ parts of the app
+def test_app_leaves_the_serving_loops_default_executor_alone(planner):
+    """Graph runs get the run manager's own pool; the loop that serves HTTP keeps its default executor (it may
+    belong to an app this one is mounted in)."""
+    app = create_app(make_ctx(planner, None, mode="diffusion"), api_key=KEY)
+
+    async def go():
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        mine = ThreadPoolExecutor(2, thread_name_prefix="the-hosts-pool")
+        loop.set_default_executor(mine)
+        async with app.router.lifespan_context(app):
+            runs = app.state.routes.runs
+            assert loop._default_executor is mine and runs.executor is not mine and runs.loop is not loop
+        assert loop._default_executor is mine  # still the host's, and still usable after the app stopped
+        name = await asyncio.to_thread(lambda: threading.current_thread().name)
+        assert name.startswith("the-hosts-pool")
+
+    asyncio.run(go())
+
+
+def test_diffusion_mode_streams_content_while_it_plans(served):
+    """Diffusion mode over SSE: the answer's finished blocks arrive as content before the realize stage."""
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await stream_once(client, served.url, body(hybrid_mode="diffusion"))
+
+    events = asyncio.run(go())
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events if isinstance(e, dict)]
+    first_content = next(i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["delta"].get("content"))
+    realize = next(i for i, c in enumerate(chunks) if (c.get("hybrid") or {}).get("event") == "plan")
+    assert first_content < realize
+    assert not any(c["choices"] and c["choices"][0]["delta"].get("reasoning_content") for c in chunks)
+
+
+# ============================================================================================ --vllm-local
+def _serve_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYBRID_")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def test_vllm_local_config_points_the_realizer_at_the_server():
+    from hybrid.server import vllm_local_config
+    from realizers.local_vllm import SERVED_MODEL_NAME
+
+    cfg = vllm_local_config(HybridConfig.load(), "http://127.0.0.1:8011/v1")
+    assert (cfg.realizer.kind, cfg.realizer.base_url, cfg.realizer.model) == (
+        "openai",
+        "http://127.0.0.1:8011/v1",
+        SERVED_MODEL_NAME,
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [([], "local_vllm prepare"), (["--realizer-url", "http://127.0.0.1:9/v1"], "pass one")],
+    ids=["unprepared", "two-realizers"],
+)
+def test_serve_vllm_local_fails_clearly(tmp_path, extra, needle):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--vllm-local", "--mode", "ar", "--port", str(free_port())]
+    env = _serve_env(HYBRID_VLLM_VENV=str(tmp_path / "no-venv"))
+    r = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.vllm
+def test_serve_vllm_local_realizes_through_local_vllm(tmp_path):
+    """`hybrid serve --vllm-local --mode ar`: starts the prepared vLLM CPU server, answers through it (streamed and
+    not), and stops it on exit."""
+    from realizers.local_vllm import LocalVLLM, default_dir
+    from realizers.server import launch, terminate, wait_ready
+
+    lv = LocalVLLM(dir=default_dir(), port=free_port())
+    if not lv.prepared():
+        msg = f"local vLLM not prepared in {lv.dir}: run `bash .ci/prepare_vllm.sh` (or set HYBRID_VLLM_VENV)"
+        if os.environ.get("HYBRID_REQUIRE_VLLM") == "1":
+            pytest.fail(msg + " — required because HYBRID_REQUIRE_VLLM=1")
+        pytest.skip(msg)
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--vllm-local", "--vllm-local-port", str(lv.port)]
+    cmd += ["--mode", "ar", "--port", str(port), "--log-level", "warning"]
+    proc = launch(cmd, env=_serve_env(HYBRID_VLLM_VENV=str(lv.dir)), log_path=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/v1", timeout_s=420, proc=proc, log_path=log)
+        assert lv.running_pid() is not None  # the serve process started it
+        health = httpx.get(f"{url}/health", timeout=5).json()
+        assert health["realizer"] == f"openai:smollm2@{lv.base_url}" and health["modes"] == ["ar"]
+        r = httpx.post(f"{url}/v1/chat/completions", json=body(hybrid_mode="ar"), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] and r.json()["usage"]["completion_tokens"] > 0
+
+        async def go():
+            async with httpx.AsyncClient(timeout=120) as client:
+                payload = {**body(hybrid_mode="ar"), "stream": True}
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=payload) as resp:
+                    return parse_sse((await resp.aread()).decode())
+
+        events = asyncio.run(go())
+        assert events[-1] == "[DONE]" and content_of(events).strip()
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it
+        proc.wait(timeout=90)
+        assert lv.running_pid() is None  # the vLLM server stopped with it
+    finally:
+        terminate(proc)
+        if lv.running_pid() is not None:
+            lv.stop()

@@ -307,3 +307,64 @@ def test_model_is_loaded_once_per_process(embedder):
     # batching and length-sorting do not change the vectors
     texts = [BREAD, TEA_A, "tea", TEA_B]
     assert np.allclose(other(texts), embedder(texts), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- degenerate drafts and signals
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Then, you'll want to add a tea bag or a tea filter. Next a a a",  # issue 15's accepted plan
+        "Next a a a tea of tea will be brewed in the pot",
+        "tea of tea of tea of the day",
+        "You will need a kettle. You will need water, and you will need a cup.",
+        "",
+        "Okay.",
+    ],
+)
+def test_degenerate_drafts_are_caught(text):
+    from planners.tse import degeneracy
+
+    assert degeneracy(text) is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "To make tea, boil water. Pour the water over the tea bag, let it steep for three minutes, then add milk.",
+        "The capital of France is Paris.",
+        "1. Boil water. 2. Add the tea. 3. Wait. 4. Pour.",
+        "Now'll want a a tea tea",  # two in a row is not yet a loop
+        "Paris, France.",
+    ],
+)
+def test_fluent_drafts_pass(text):
+    from planners.tse import degeneracy
+
+    assert degeneracy(text) is None
+
+
+def test_final_confidence_and_signal_values():
+    from planners.tse import SIGNALS, final_confidence, score_trajectory
+
+    steps = [
+        TrajectoryStep(0, 0, [0, 1], [0.9, 0.5], [5, 6, 7, 9], mean_entropy=1.0),
+        TrajectoryStep(1, 0, [2, 3], [0.7, 0.99], [5, 6, 7, 9], mean_entropy=0.5),
+    ]
+    t = Trajectory(prompt_length=3, gen_length=4, mask_id=0, steps=steps, final=[5, 6, 7, 9], nfe=2)
+    assert final_confidence(t) == pytest.approx((0.9 + 0.5 + 0.7 + 0.99) / 4)
+    assert final_confidence(t, stop_ids=[9]) == pytest.approx((0.9 + 0.5 + 0.7) / 3)  # up to the stop id
+    words = {5: "the", 6: "capital", 7: "is", 9: "<eos>"}
+    decode = lambda ids: " ".join(words[i] for i in ids if i != 9)  # noqa: E731
+    s = score_trajectory(t, decode, TSEConfig(clusterer="exact"), stop_ids=[9])
+    sig = s.signals()
+    assert set(sig) == set(SIGNALS)
+    assert sig["low_confidence"] == pytest.approx(1 - (0.9 + 0.5 + 0.7) / 3)
+    assert sig["tse"] == 0.0 and sig["vote_dissent"] == pytest.approx(0.0)
+    assert s.degenerate is None and s.value("low_confidence") == pytest.approx(sig["low_confidence"])
+    loop = {5: "a", 6: "a", 7: "a", 9: "<eos>"}
+    s2 = score_trajectory(t, lambda ids: " ".join(loop[i] for i in ids if i != 9), TSEConfig(clusterer="exact"))
+    assert s2.degenerate is not None and s2.value("tse") == math.inf  # never accepted, whatever the signal
+    with pytest.raises(ValueError, match="low_confidence"):
+        s.value("nope")

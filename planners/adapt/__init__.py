@@ -1,4 +1,4 @@
-"""Adapting an AR model into a block-diffusion planner (DESIGN: "Adapting an AR model into the planner").
+"""Adapting an AR model into a block-diffusion planner (block diffusion as in Fast-dLLM v2, arXiv 2509.26328).
 
 - `data`: generated prompt set (templates × topics, held-out topics) and self-distillation through llama-cpp;
 - `objective`: the two-copy block-diffusion SFT loss and its attention mask;

@@ -465,8 +465,9 @@ def distill(
     `response_ids` ends with the end-of-turn id when the model finished within `max_new_tokens`
     (`finished`). Skips prompts already in the file; stops after `limit` new lines or at `deadline`
     (time.time()). Returns the number of lines written now."""
-    import llama_cpp
     from tqdm import tqdm
+
+    from realizers.llamacpp import load_llama
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +477,7 @@ def distill(
         todo = todo[:limit]
     if not todo:
         return 0
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=512, n_threads=n_threads, verbose=False)
+    llm = load_llama(gguf_path, n_ctx=512, n_threads=n_threads)
     eos = llm.token_eos()
     written = 0
     tokens = 0

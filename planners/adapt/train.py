@@ -4,7 +4,7 @@
 over whichever budget ends first (steps or wall time — the schedule follows the budget, so a run that must
 stop at a deadline still anneals), gradient clipping, batches packed to a token budget from length-sorted
 buckets, periodic held-out evaluation with early stopping on held-out masked accuracy (the best adapter is
-kept, DESIGN: data scarcity makes training loss fall long after held-out accuracy stops rising), and
+kept: with scarce data, training loss falls long after held-out accuracy stops rising), and
 resumable checkpoints (adapter + optimiser + step + tokens + elapsed time + RNG + data position) written
 atomically every few minutes. The final adapter is written with `planners.loading.save_adapter`.
 

@@ -1,0 +1,283 @@
+"""The llama.cpp planner engine (`planners.llama_engine`) against the torch backbone on the same weights, and the
+GGUF export (`planners.export_gguf`) it runs.
+
+Real code paths throughout: a tiny random block-causal backbone with SmolLM2's vocabulary (tests/conftest.py),
+exported to an f32 GGUF with the packaged SmolLM2's tokenizer metadata, run by llama.cpp through the project's
+loader. Native decodes first run once in a child process (`engine_probe`), so a llama.cpp crash fails these tests
+by name instead of ending the test run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama_backbone
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(smol_tokenizer):
+    """The tiny backbone with a random (non-zero) LoRA adapter and mask embedding."""
+    m = tiny_llama_backbone(len(smol_tokenizer), mask_token_id=16, eos_token_id=smol_tokenizer.eos_token_id, seed=3)
+    m.add_lora(4, 8.0, ("q", "k", "v", "o", "gate", "up", "down"))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_" in name or name == "mask_embedding":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_lora, tmp_path_factory):
+    from planners.assets import smollm2_gguf_path
+    from planners.export_gguf import export
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    return export(tiny_lora, path, weight_type="f32", tokenizer_gguf=smollm2_gguf_path(), name="tiny")
+
+
+_PROBE = """
+import sys, torch
+from planners.llama_engine import LlamaCppEngine
+eng = LlamaCppEngine(sys.argv[1] if len(sys.argv) > 1 else {path!r}, n_threads=1, extra_bufts="off")
+valid = torch.ones(1, 24, dtype=torch.bool)
+cache = eng.new_cache(valid, gen_start=16)
+ids = torch.randint(100, 1000, (1, 24)); ids[:, 16:] = eng.config.mask_token_id
+out = eng(ids, cache=cache, cache_start=0, final=16)
+assert out.shape == (1, 24, eng.n_vocab) and torch.isfinite(out[:, 15:]).all()
+print("ok")
+"""
+
+
+@pytest.fixture(scope="module")
+def engine_probe(tiny_gguf):
+    """Load the tiny GGUF and decode a window in a child process first: a native crash fails here, by name."""
+    from realizers.llamacpp import run_child
+
+    root = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    code = f"import sys; sys.path.insert(0, {root!r})\n" + textwrap.dedent(_PROBE.format(path=str(tiny_gguf)))
+    result = run_child(code, timeout=120)
+    if not result.ok:
+        pytest.fail(f"the llama.cpp planner engine died in a child process: {result.describe()}")
+    return True
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf, engine_probe):
+    from planners.llama_engine import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_gguf, n_threads=1, extra_bufts="off")
+    yield eng
+    eng.close()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_round_trips(tiny_lora, tiny_gguf):
+    from planners.export_gguf import _permute, gguf_tensors, read_backbone_config, read_tensors
+
+    want = gguf_tensors(tiny_lora)
+    got = read_tensors(tiny_gguf)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        np.testing.assert_array_equal(got[name], t.numpy(), err_msg=name)
+    # what went in is the merged adapter, the mask row and the rope layout llama.cpp expects
+    blk = tiny_lora.layers[0].attn
+    lin = blk.q_proj
+    merged = lin.base.weight + lin.scale * lin.lora_b @ lin.lora_a
+    torch.testing.assert_close(torch.from_numpy(got["blk.0.attn_q.weight"]), _permute(merged.detach(), 4))
+    unpermuted = _permute(_permute(merged.detach(), 4), 4)  # two half-swaps per head are not the identity ...
+    assert not torch.equal(unpermuted, merged.detach())  # ... so the test above really checks the permutation
+    np.testing.assert_array_equal(got["token_embd.weight"][16], tiny_lora.mask_embedding.detach().numpy())
+    np.testing.assert_array_equal(got["output.weight"], tiny_lora.embed_tokens.weight.detach().numpy())
+    c = read_backbone_config(tiny_gguf)
+    assert c == tiny_lora.config
+
+
+def test_export_carries_the_tokenizer(tiny_gguf):
+    from gguf import GGUFReader
+
+    from planners.assets import smollm2_gguf_path
+
+    ours, ref = GGUFReader(str(tiny_gguf)).fields, GGUFReader(str(smollm2_gguf_path())).fields
+    keys = [k for k in ref if k.startswith("tokenizer.")]
+    assert "tokenizer.chat_template" in keys and "tokenizer.ggml.tokens" in keys
+    for k in keys:
+        assert ours[k].contents() == ref[k].contents(), k
+
+
+def test_export_refuses_unknown_weight_type(tiny_lora, tmp_path):
+    from planners.export_gguf import export
+
+    with pytest.raises(ValueError, match="q4_k_m"):
+        export(tiny_lora, tmp_path / "x.gguf", weight_type="q3", tokenizer_gguf="unused")
+
+
+# ----------------------------------------------------------------------------- engine vs torch
+
+
+def _prompts(tok):
+    from planners.adapt.data import chat_prompt_ids
+
+    msgs = ["How do I make a cup of tea?", "Name three rivers in Europe and say where they flow."]
+    return [chat_prompt_ids(tok, m) for m in msgs]
+
+
+def test_window_logits_match_torch(engine, tiny_lora, smol_tokenizer):
+    """Every window the prefix cache asks for, block by block: the engine's logits are torch's."""
+    from planners.model import attention_mask
+
+    ids = list(_prompts(smol_tokenizer)[0])
+    g = len(ids)
+    x = torch.tensor([ids + torch.randint(100, 5000, (24,)).tolist()])
+    x[0, g + 10] = 16  # a mask token inside the second block
+    valid = torch.ones_like(x, dtype=torch.bool)
+    attn = attention_mask(valid, pattern="block_causal", gen_start=g, block_size=8)
+    with torch.no_grad():
+        ref = tiny_lora(x, attention_mask=attn).float()  # (1, L, V): no cache, the whole sequence
+    cache = engine.new_cache(valid, gen_start=g)
+    fresh = 0
+    for lo in range(g, g + 24, 8):
+        hi = lo + 8
+        for a in (fresh, lo - 1):  # the refresh window, then a step window
+            out = engine(x[:, a:hi], cache=cache, cache_start=a, final=lo)
+            rows = slice(max(a, g - 1) - a, hi - a)  # prompt rows before the last are not computed (NaN)
+            torch.testing.assert_close(out[:, rows], ref[:, a:hi][:, rows], atol=2e-4, rtol=1e-4)
+        fresh = lo
+
+
+def test_interleaved_runs_keep_their_own_cache(engine, smol_tokenizer):
+    """Two denoising runs in flight on one engine (two threads' plans) each hold their own llama.cpp context."""
+    p0, p1 = _prompts(smol_tokenizer)
+    xs = [torch.tensor([p + [16] * 8]) for p in (p0, p1)]
+    solo = []
+    for x in xs:
+        c = engine.new_cache(torch.ones_like(x, dtype=torch.bool), gen_start=x.shape[1] - 8)
+        solo.append(engine(x, cache=c, cache_start=0, final=x.shape[1] - 8)[:, -8:])
+    caches = [engine.new_cache(torch.ones_like(x, dtype=torch.bool), gen_start=x.shape[1] - 8) for x in xs]
+    first = [engine(x, cache=c, cache_start=0, final=x.shape[1] - 8) for x, c in zip(xs, caches, strict=True)]
+    for x, c, f, s in zip(xs, caches, first, solo, strict=True):
+        torch.testing.assert_close(f[:, -8:], s, rtol=0, atol=0)
+        g = x.shape[1] - 8
+        torch.testing.assert_close(engine(x[:, g - 1 :], cache=c, cache_start=g - 1, final=g)[:, 1:], s)
+
+
+@pytest.mark.parametrize("commit", ["static", "threshold"])
+def test_engine_gives_torch_tokens(engine, tiny_lora, smol_tokenizer, commit):
+    from planners.sampler import SamplerConfig, sample
+
+    cfg = SamplerConfig(
+        gen_length=32, steps=32, block_length=8, commit=commit, threshold=0.5, cache="prefix", record_trajectory=True
+    )
+    prompts = _prompts(smol_tokenizer)
+    for batch in ([prompts[0]], prompts):  # one row, and two rows of different lengths (left padding)
+        want = sample(tiny_lora, batch, cfg)
+        got = sample(engine, batch, cfg)
+        assert got.tokens.tolist() == want.tokens.tolist()
+        assert got.nfe == want.nfe and got.tokens_per_step.tolist() == want.tokens_per_step.tolist()
+        for tw, tg in zip(want.trajectories, got.trajectories, strict=True):  # the recorder saw the same predictions
+            assert [s.x0_hat for s in tg.steps] == [s.x0_hat for s in tw.steps]
+
+
+def test_engine_infill_matches_torch(engine, tiny_lora, smol_tokenizer):
+    """A redraw: some blocks have no masks (skipped) and the next refresh spans several final blocks."""
+    from planners.sampler import SamplerConfig, infill
+
+    cfg = SamplerConfig(gen_length=32, steps=32, block_length=8, cache="prefix")
+    template = torch.randint(100, 5000, (32,)).tolist()
+    for p in (17, 18, 30):
+        template[p] = 16
+    prompt = _prompts(smol_tokenizer)[:1]
+    assert infill(engine, template, cfg, prompts=prompt).tokens.tolist() == (
+        infill(tiny_lora, template, cfg, prompts=prompt).tokens.tolist()
+    )
+
+
+def test_engine_needs_the_prefix_cache(engine, smol_tokenizer):
+    from planners.sampler import SamplerConfig, sample
+
+    with pytest.raises(ValueError, match="cache='prefix'"):
+        sample(engine, _prompts(smol_tokenizer)[:1], SamplerConfig(gen_length=8, steps=8, block_length=8))
+
+
+def test_planner_on_the_engine(engine, tiny_lora, smol_tokenizer):
+    """The Planner runs unchanged on the engine (plan, on_block streaming, redraw)."""
+    from planners.planner import Planner
+    from planners.sampler import SamplerConfig
+
+    cfg = SamplerConfig(gen_length=16, steps=16, block_length=8, cache="prefix", record_trajectory=True)
+    torch_planner = Planner(tiny_lora, smol_tokenizer, cfg, name="tiny-torch")
+    llama_planner = Planner(engine, smol_tokenizer, cfg, name="tiny-llama")
+    seen = []
+    a = torch_planner.plan("How do I make a cup of tea?")
+    b = llama_planner.plan("How do I make a cup of tea?", on_block=lambda p: seen.append(p.block))
+    assert b.span == a.span and seen
+    assert llama_planner.redraw(b, [0, 9]).span == torch_planner.redraw(a, [0, 9]).span
+
+
+# ----------------------------------------------------------------------------- engine choice
+
+
+def test_engine_setting_is_validated():
+    from hybrid.config import HybridConfig
+
+    assert HybridConfig.load(**{"planner.engine": "llama_cpp"}).planner.engine == "llama_cpp"
+    with pytest.raises(Exception, match="auto"):
+        HybridConfig.load(**{"planner.engine": "onnx"})
+
+
+def test_engine_choice():
+    from planners.planner import choose_engine
+
+    assert choose_engine("torch", device="cpu", llama_arch=True) == "torch"
+    assert choose_engine("auto", device="cuda", llama_arch=True) == "torch"
+    assert choose_engine("auto", device="cpu", llama_arch=False) == "torch"  # LLaDA / Dream stay on torch
+    with pytest.raises(ValueError, match="llama_cpp"):
+        choose_engine("llama_cpp", device="cpu", llama_arch=False)
+    with pytest.raises(ValueError, match="cpu"):
+        choose_engine("llama_cpp", device="cuda", llama_arch=True)
+
+
+def test_planner_load_picks_the_engine(tmp_path, monkeypatch, tiny_lora, engine_probe):
+    """Planner.load(engine="llama_cpp") on a local llama checkpoint: exports once (cache dir), runs llama.cpp."""
+    from planners.assets import smollm2_hf_dir
+    from planners.llama_engine import LlamaCppEngine
+    from planners.loading import save_adapter, save_checkpoint
+    from planners.planner import Planner
+
+    monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = save_checkpoint(tiny_lora, tmp_path / "ckpt")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / f).write_bytes((smollm2_hf_dir() / f).read_bytes())
+    save_adapter(tiny_lora, tmp_path / "adapter.safetensors")
+    p = Planner.load(ckpt, adapter=tmp_path / "adapter.safetensors", engine="llama_cpp", engine_weights="f32")
+    assert isinstance(p.model, LlamaCppEngine)
+    assert list((tmp_path / "cache" / "planner-gguf").glob("*.gguf"))
+    t = Planner.load(ckpt, adapter=tmp_path / "adapter.safetensors", engine="torch", sampler=p.sampler)
+    assert p.plan("How do I make a cup of tea?").span == t.plan("How do I make a cup of tea?").span
+    p.model.close()
+
+
+@pytest.mark.slow
+def test_shipped_planner_same_plans_on_f32_gguf(engine_probe):
+    """The shipped planner, exported to f32 GGUF (cached after the first run): llama.cpp drafts torch's plans."""
+    from planners.planner import Planner
+    from planners.sampler import SamplerConfig
+
+    cfg = SamplerConfig(gen_length=16, steps=16, block_length=8, commit="threshold", cache="prefix")
+    t = Planner.load(engine="torch", sampler=cfg, device="cpu")
+    lc = Planner.load(engine="llama_cpp", engine_weights="f32", sampler=cfg, device="cpu", threads=1)
+    try:
+        for q in ("How do I make a cup of tea?", "What is the difference between a lake and a sea?"):
+            for c in (cfg, dataclasses.replace(cfg, commit="static")):
+                assert lc.plan(q, config=c).span == t.plan(q, config=c).span
+    finally:
+        lc.model.close()
