@@ -8,7 +8,7 @@ process, alternating the order per prompt:
   - the realizer (llama.cpp, the packaged Q4_1 GGUF, through `realizers.llamacpp.load_llama`) writes the same
     number of tokens greedily (prompt evaluation included, EOS ignored): wall time. Its greedy text up to EOS is
     the AR reference plan;
-  - ratio = plan time / realizer time (< 1: the goal of issue 14).
+  - ratio = plan time / realizer time (< 1: the planner drafts faster than the realizer writes).
 Quality per engine, as `bench_planner_quality.py` defines it: the untouched AR model's NLL per plan token
 (adapter off, causal attention), MiniLM cosine to the AR plan, repeated bigrams.
 Then a per-forward micro-benchmark: one pass of 1 / 8 / 16 / 48 positions (a block of that many, bidirectional)

@@ -43,7 +43,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-length", type=int, help="planner generation length in tokens")
     p.add_argument("--block-length", type=int, help="planner block length (semi-autoregressive blocks)")
     p.add_argument("--strategy", help="planner commit rule (learned, static, threshold, dilated, entropy_bounded)")
-    p.add_argument("--threshold", type=float, help="commit threshold: P(final) for learned commits, confidence for threshold commits")
+    p.add_argument("--threshold", type=float, help="commit threshold (learned: P(final); threshold: confidence)")
     p.add_argument("--tse-threshold", type=float, help="deprecated spelling of --score-threshold")
     p.add_argument("--score-threshold", type=float, help="accept plans whose score value is at or below this")
     p.add_argument("--adapter", help="planner adapter .safetensors ('none' = the untrained base, explicitly)")

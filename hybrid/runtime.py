@@ -62,6 +62,7 @@ def build_planner(cfg: HybridConfig, progress: Progress = lambda _m: None):
             dtype=getattr(torch, p.dtype),
             engine=p.engine,
             engine_weights=p.engine_weights,
+            progress=progress,
         )
     except FileNotFoundError as e:
         raise SetupError(f"planner: {e}") from None

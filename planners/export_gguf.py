@@ -140,7 +140,9 @@ def write_gguf(
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, weight_type: str, *, threads: int = 1) -> Path:
     """llama.cpp's quantiser: an f32 GGUF -> `weight_type` (its mixes: e.g. q4_k_m keeps some tensors at q6_k)."""
     import llama_cpp
+    from llama_cpp._logger import set_verbose
 
+    set_verbose(False)  # llama-cpp-python's log filter (as `Llama(verbose=False)` sets it): no per-tensor lines
     if weight_type not in _QUANT_FTYPES:
         raise ValueError(f"weight_type={weight_type!r}: quantised types are {sorted(_QUANT_FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()

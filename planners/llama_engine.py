@@ -331,6 +331,7 @@ def load_engine(
     extra_bufts: str | bool | None = None,
     name: str = "planner",
     tokenizer_gguf: str | os.PathLike | None = None,
+    progress=lambda _m: None,
 ) -> LlamaCppEngine:
     """A `LlamaCppEngine` for the torch planner `model`: exported once to a GGUF of `weights` in the cache
     directory (keyed by the `sources` files it was loaded from: base weights, adapter), then loaded.
@@ -344,7 +345,12 @@ def load_engine(
     key = source_key(*sources, extra=json.dumps(model.config.to_dict(), sort_keys=True))
     stem = re.sub(r"[^A-Za-z0-9_.]+", "_", name.split("(")[0]).strip("_") or "planner"
     path = cached_export(
-        lambda: model, key=key, weight_type=weights, tokenizer_gguf=tokenizer_gguf or smollm2_gguf_path(), name=stem
+        lambda: model,
+        key=key,
+        weight_type=weights,
+        tokenizer_gguf=tokenizer_gguf or smollm2_gguf_path(),
+        name=stem,
+        progress=progress,
     )
     # the config is the torch model's (what the export was keyed by): no need to parse the GGUF's metadata
     return LlamaCppEngine(path, n_threads=threads, extra_bufts=extra_bufts, config=model.config)

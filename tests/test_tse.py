@@ -315,7 +315,7 @@ def test_model_is_loaded_once_per_process(embedder):
 @pytest.mark.parametrize(
     "text",
     [
-        "Then, you'll want to add a tea bag or a tea filter. Next a a a",  # issue 15's accepted plan
+        "Then, you'll want to add a tea bag or a tea filter. Next a a a",  # a degenerate plan TSE accepted
         "Next a a a tea of tea will be brewed in the pot",
         "tea of tea of tea of the day",
         "You will need a kettle. You will need water, and you will need a cup.",
