@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from planners.batching import _REQUEST, _Handle
+from realizers.counters import LockedCounters
 
 log = logging.getLogger("hybrid.server")
 
@@ -40,7 +41,7 @@ LAST_EVENTS = ("end", "error", "cancelled")
 
 # ============================================================================================ metrics
 @dataclass
-class Metrics:
+class Metrics(LockedCounters):
     """The server's counters (`GET /metrics`). Every write goes through `add` / `peak`, under one lock: the
     `BatchingPlanner` writes from its worker thread, the `FallbackRealizer` and finished runs from the model
     loop, requests from the HTTP loop. It is also the `metrics` object of those two (their counters are fields
@@ -58,18 +59,6 @@ class Metrics:
     plan_rows: int = 0
     plan_max_batch: int = 0
     plans_skipped: int = 0  # queued planner calls dropped because their request was cancelled
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: int) -> None:
-        """Add to counters, atomically."""
-        with self._lock:
-            for name, n in deltas.items():
-                setattr(self, name, getattr(self, name) + n)
-
-    def peak(self, name: str, value: int) -> None:
-        """Raise a high-water mark to `value` if it is higher."""
-        with self._lock:
-            setattr(self, name, max(getattr(self, name), value))
 
     def admit(self, limit: int) -> bool:
         """Count one more active request unless `limit` are active; False if it was refused."""

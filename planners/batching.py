@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from realizers.counters import LockedCounters
+
 
 @dataclass
-class BatchStats:
+class BatchStats(LockedCounters):
     """The counters a `BatchingPlanner` updates, through `add` / `peak` under a lock (the worker thread writes
     them while others read). The server passes its own metrics object, with these fields and methods."""
 
@@ -32,16 +34,6 @@ class BatchStats:
     plan_rows: int = 0
     plan_max_batch: int = 0
     plans_skipped: int = 0  # queued planner calls dropped because their request was cancelled
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, n in deltas.items():
-                setattr(self, name, getattr(self, name) + n)
-
-    def peak(self, name: str, value: int) -> None:
-        with self._lock:
-            setattr(self, name, max(getattr(self, name), value))
 
 
 @dataclass
@@ -240,8 +232,7 @@ class BatchingPlanner:
         prompts = [j.prompt_ids for j in batch]
         with torch.inference_mode():
             if batch[0].kind == "plan":
-                out = self._sample(batch, prompts, cfg) if any(j.on_block for j in batch) else None
-                out = out or sample(self.planner.model, prompts, cfg)
+                out = sample(self.planner.model, prompts, cfg, on_block=self._block_hook(batch))
             else:
                 out = infill(self.planner.model, [j.span for j in batch], cfg, prompts=prompts)
         per_pass = 2 if cfg.cfg_scale > 0 else 1
@@ -270,15 +261,12 @@ class BatchingPlanner:
             results.append(PlanResult(text, tokens, list(j.prompt_ids), traj, stats, span=span))
         return results
 
-    def _sample(self, batch: list[_Job], prompts: list[list[int]], cfg: Any) -> Any:
-        """`sampler.sample` (which takes no block callback) with each finished block reported to the rows that
-        asked, exactly as `Planner.plan(on_block=...)` reports it for the same row alone. The batch stops early
-        only if every row asks it to (its callback returning True)."""
-        import torch
-
-        from planners.sampler import _device, _left_pad, _pad_id, denoise
-
-        model = self.planner.model
+    def _block_hook(self, batch: list[_Job]) -> Any:
+        """A `denoise(on_block=...)` callback that reports each finished block to the rows that asked, exactly as
+        `Planner.plan(on_block=...)` reports it for the same row alone (None when no row asked). The batch stops
+        early only if every row asks it to (its callback returning True)."""
+        if not any(j.on_block for j in batch):
+            return None
         hooks = [self.planner._progress(j.on_block) if j.on_block else None for j in batch]  # each keeps its text
         stop = [False] * len(batch)
 
@@ -289,12 +277,7 @@ class BatchingPlanner:
                         stop[i] = bool(hook(dataclasses.replace(done, span=done.span[i : i + 1])))
             return all(stop)
 
-        ids, valid = _left_pad([list(p) for p in prompts], _pad_id(model))
-        masks = torch.full((len(prompts), cfg.gen_length), model.config.mask_token_id, dtype=torch.long)
-        x = torch.cat([ids, masks], 1)
-        valid = torch.cat([valid, torch.ones_like(masks, dtype=torch.bool)], 1)
-        dev = _device(model)
-        return denoise(model, x.to(dev), gen_start=ids.shape[1], config=cfg, valid=valid.to(dev), on_block=on_block)
+        return on_block
 
 
 def _solo_trajectory(traj: Any, *, counted: bool, per_pass: int) -> Any:

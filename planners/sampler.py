@@ -489,8 +489,10 @@ def sample(
     config: SamplerConfig,
     *,
     generator: torch.Generator | None = None,
+    on_block: BlockCallback | None = None,
 ) -> SampleOutput:
-    """Generate config.gen_length tokens after each prompt: x = [left padding | prompt | masks], one batch."""
+    """Generate config.gen_length tokens after each prompt: x = [left padding | prompt | masks], one batch
+    (`on_block` as in `denoise`)."""
     if not prompts:
         raise ValueError("prompts is empty")
     if model.config.shift and any(len(p) == 0 for p in prompts):
@@ -502,7 +504,15 @@ def sample(
     x = torch.cat([ids, masks], 1)
     valid = torch.cat([valid, torch.ones_like(masks, dtype=torch.bool)], 1)
     dev = _device(model)
-    return denoise(model, x.to(dev), gen_start=ids.shape[1], config=config, valid=valid.to(dev), generator=generator)
+    return denoise(
+        model,
+        x.to(dev),
+        gen_start=ids.shape[1],
+        config=config,
+        valid=valid.to(dev),
+        generator=generator,
+        on_block=on_block,
+    )
 
 
 def infill(

@@ -12,29 +12,23 @@ nothing from `hybrid`.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from realizers.base import RealizerError, SamplingParams, StreamEvent, TextDelta
+from realizers.counters import LockedCounters
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class FallbackStats:
+class FallbackStats(LockedCounters):
     """The counter a `FallbackRealizer` updates through `add`, under a lock (the server passes its own metrics
     object, with this field and method)."""
 
     fallbacks: int = 0  # requests the fallback realizer answered
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, n in deltas.items():
-                setattr(self, name, getattr(self, name) + n)
 
 
 class FallbackRealizer:
