@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from hybrid.config import MODES, ConfigError, HybridConfig
+from hybrid.config import MODES, ConfigError, HybridConfig, _deep_merge, _undot
 
 
 class UserError(Exception):
@@ -42,8 +42,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="planner denoising steps (max steps for threshold commits)")
     p.add_argument("--gen-length", type=int, help="planner generation length in tokens")
     p.add_argument("--block-length", type=int, help="planner block length (semi-autoregressive blocks)")
-    p.add_argument("--strategy", help="planner commit rule (learned, static, threshold, dilated, entropy_bounded)")
-    p.add_argument("--threshold", type=float, help="commit threshold (learned: P(final); threshold: confidence)")
+    p.add_argument(
+        "--commit",
+        "--strategy",
+        dest="commit",
+        help="planner commit rule: learned, static, threshold, factor, dilated, entropy_bounded (--strategy: old name)",
+    )
+    p.add_argument("--confidence", help="what commits rank by: max_prob, margin, entropy (nats), random")
+    p.add_argument(
+        "--threshold", type=float, help="commit threshold (learned: P(final); threshold: confidence, nats for entropy)"
+    )
+    p.add_argument("--factor", type=float, help="commit=factor: Fast-dLLM's factor f")
+    p.add_argument("--boost", help="planner logit boost: none, credit (dInfer's credit decoding)")
+    p.add_argument("--blocks", help="planner blocks: fixed, adaptive (AdaBlock: end a block after a delimiter)")
+    p.add_argument("--eos-early-stop", help="end the plan early at end of text: off, all, any, inside")
+    p.add_argument("--cache", help="planner KV cache: none, prefix, dual")
+    p.add_argument("--remask", help="planner remasking: none, low_confidence")
+    p.add_argument("--planner-temperature", type=float, help="planner sampling temperature (0 = greedy)")
     p.add_argument("--tse-threshold", type=float, help="deprecated spelling of --score-threshold")
     p.add_argument("--score-threshold", type=float, help="accept plans whose score value is at or below this")
     p.add_argument("--adapter", help="planner adapter .safetensors ('none' = the untrained base, explicitly)")
@@ -53,6 +68,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--realizer-model", help="served model name (with --realizer-url)")
     p.add_argument("--max-tokens", type=int, help="realizer max tokens")
     p.add_argument("--seed", type=int, help="planner seed")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="set_values",
+        metavar="KEY=VALUE",
+        help="any setting by its dotted name, e.g. planner.credit_alpha=0.5 (repeatable; VALUE is read as JSON when "
+        "it parses, else as a string; wins over the flags above)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> HybridConfig:
@@ -61,8 +85,16 @@ def config_from_args(args: argparse.Namespace) -> HybridConfig:
         "planner.steps": args.steps,
         "planner.gen_length": args.gen_length,
         "planner.block_length": args.block_length,
-        "planner.commit": args.strategy,
+        "planner.commit": args.commit,
+        "planner.confidence": args.confidence,
         "planner.threshold": args.threshold,
+        "planner.factor": args.factor,
+        "planner.boost": args.boost,
+        "planner.blocks": args.blocks,
+        "planner.eos_early_stop": args.eos_early_stop,
+        "planner.cache": args.cache,
+        "planner.remask": args.remask,
+        "planner.temperature": args.planner_temperature,
         "planner.model": args.planner_model,
         "planner.seed": args.seed,
         "score.tse_threshold": args.tse_threshold,
@@ -75,10 +107,34 @@ def config_from_args(args: argparse.Namespace) -> HybridConfig:
     if args.realizer_url:
         overrides["realizer.kind"] = "openai"
         overrides["realizer.base_url"] = args.realizer_url
+    nested = _deep_merge(_undot(overrides), parse_set(getattr(args, "set_values", None) or []))
     try:
-        return HybridConfig.load(args.config, **overrides)
+        return HybridConfig.load(args.config, **nested)
     except ConfigError as e:
         raise UserError(str(e)) from None
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs as nested overrides: dotted keys (planner.credit_alpha), values read as JSON when they
+    parse (0.5, true, [13, 198], null) and as strings otherwise (credit). null stays: it sets a field to None."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"--set expects KEY=VALUE with a dotted setting name (planner.factor=2), got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -98,12 +154,14 @@ def check_fits(question: str, ctx) -> None:
     from hybrid import prompts
 
     if ctx.planner is not None:
-        ids = ctx.planner.encode(prompts.plan_messages(question))
-        budget = ctx.planner.context_length - ctx.config.planner.gen_length
+        diffusion = ctx.config.mode == "diffusion"
+        ids = ctx.planner.encode((prompts.answer_messages if diffusion else prompts.plan_messages)(question))
+        gen = ctx.config.planner.answer_length if diffusion else ctx.config.planner.gen_length
+        budget = ctx.planner.context_length - gen
         if len(ids) > budget:
             raise UserError(
                 f"the question is {len(ids)} tokens; the planner's context leaves room for {budget} "
-                f"({ctx.planner.context_length} minus {ctx.config.planner.gen_length} generated)"
+                f"({ctx.planner.context_length} minus {gen} generated)"
             )
     r = ctx.realizer
     if r is not None and hasattr(r, "prompt_ids") and hasattr(r, "context_length"):
@@ -165,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hybrid.runtime import SetupError, build_context
 
     try:
-        ctx = build_context(cfg, say)
+        ctx = build_context(cfg, say, planner_threads=os.cpu_count())
     except SetupError as e:
         raise UserError(str(e)) from None
     check_fits(question, ctx)

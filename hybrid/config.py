@@ -8,12 +8,14 @@ no model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Mode = Literal["hybrid", "diffusion", "ar"]
@@ -34,7 +36,62 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Planner settings fixed when the planner is loaded; every other PlannerSettings field is a sampling setting (one
+# `planners.sampler.SamplerConfig` field each, settable per request: the server's `hybrid_planner` object).
+PLANNER_LOAD_FIELDS: tuple[str, ...] = (
+    "model",
+    "adapter",
+    "mask_token_id",
+    "device",
+    "dtype",
+    "engine",
+    "engine_weights",
+    "threads",
+)
+# PlannerSettings fields checked by name against the sampler's strategy registries (`planners.strategies`)
+_PLANNER_NAMES: dict[str, str] = {
+    "commit": "COMMITS",
+    "confidence": "CONFIDENCES",
+    "schedule": "SCHEDULES",
+    "boost": "BOOSTS",
+    "blocks": "BLOCK_RULES",
+    "remask": "REMASKS",
+    "eos_early_stop": "EARLY_STOPS",
+    "cache": "CACHES",
+    "precision": "PRECISIONS",
+}
+_NONE_WORDS = ("", "none", "null")
+
+
+def _planner_names(field: str) -> tuple[str, ...]:
+    """The names the sampler accepts for a PlannerSettings field, in the registry's order."""
+    import planners.strategies as strategies
+
+    return tuple(getattr(strategies, _PLANNER_NAMES[field]))
+
+
+def _token_ids(text: str) -> tuple[int, ...] | Any:
+    """A string from the environment or a flag as token ids: a JSON list "[13, 198]" or "13,198"."""
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    else:
+        try:
+            return tuple(int(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            pass
+    raise ValueError(
+        f'planner.delimiter_ids={text!r} is not a list of token ids: write a JSON list "[13, 198]" or "13,198"'
+    )
+
+
 class PlannerSettings(_Section):
+    """The planner: what is loaded (PLANNER_LOAD_FIELDS) and how it samples (one field per field of
+    `planners.sampler.SamplerConfig`, which validates them: the model validator builds it). Not settable:
+    SamplerConfig.record_trajectory — the product always records the trajectory (the plan's score reads it)."""
+
     model: str | None = Field(
         None, description="planner weights: a LLaDA / Dream / Llama checkpoint directory or .gguf; None = embedded"
     )
@@ -51,31 +108,98 @@ class PlannerSettings(_Section):
     engine_weights: Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k"] | None = Field(
         None, description="engine llama_cpp: GGUF weight type of the export; None = the measured default"
     )
-    gen_length: int = Field(48, ge=1, le=4096)
-    answer_length: int = Field(96, ge=1, le=4096, description="generation length in diffusion mode (the answer)")
-    steps: int = Field(48, ge=1, le=4096)
-    block_length: int = Field(8, ge=1, le=4096)
-    commit: str = Field(
-        "learned", description="commit rule; learned = the shipped Learn2PD-style policy (benchmarks/README.md)"
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="engine llama_cpp: CPU threads; None = every core for `hybrid run` (nothing else runs while it "
+        "plans), half of them for `hybrid serve` and the Python API (a realizer may decode at the same time)",
     )
-    confidence: str = "max_prob"
+    gen_length: int = Field(48, ge=1, le=4096, description="plan tokens (hybrid mode's generation length)")
+    answer_length: int = Field(96, ge=1, le=4096, description="generation length in diffusion mode (the answer)")
+    steps: int = Field(
+        48, ge=1, le=4096, description="denoising step budget (a cap for dynamic commits); diffusion mode scales it"
+    )
+    block_length: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="semi-autoregressive block length; a block-causal planner needs its training block size",
+    )
+    temperature: float = Field(0.0, description="Gumbel-max sampling temperature of the plan's tokens; 0 = greedy")
+    cfg_scale: float = Field(0.0, description="classifier-free guidance weight (2 forward passes per step); 0 = off")
+    confidence: str = Field(
+        "max_prob",
+        description="what the commit rule ranks by: max_prob (p of the token), margin (p1 - p2), entropy (token "
+        "entropy in nats: lower = surer), random",
+    )
+    position_calibration: float = Field(
+        0.0, description="score = confidence - strength * offset / block (cf. PC-Sampler); > 0 favours the left; 0 off"
+    )
+    commit: str = Field(
+        "learned",
+        description="commit rule: static | threshold | factor (Fast-dLLM) | dilated | entropy_bounded | learned (the "
+        "shipped Learn2PD-style policy, benchmarks/README.md)",
+    )
+    schedule: str = Field("llada", description="tokens per step of counted commits (static, dilated): llada | dream")
+    schedule_eps: float = Field(1e-3, description="schedule=dream: the final timestep, in (0, 1)")
     threshold: float = Field(
-        0.95, gt=0.0, le=1.0, description="threshold commits: confidence tau; learned commits: P(final) cut-off"
+        0.95,
+        description="commit=threshold: tau in the confidence's units (a probability in (0, 1]; nats for "
+        "confidence=entropy); commit=learned: the P(final) cut-off",
+    )
+    eb_gamma: float = Field(0.1, description="commit=entropy_bounded: entropy budget per step, nats")
+    factor: float = Field(
+        1.0, description="commit=factor (Fast-dLLM, arXiv 2505.22618): commit the top n with (n + 1)(1 - c_n) <= f"
     )
     commit_policy: str | None = Field(
         None, description="commit=learned: policy weights (.safetensors); None = the shipped planners/weights one"
     )
-    temperature: float = Field(0.0, ge=0.0)
-    cfg_scale: float = Field(0.0, ge=0.0)
-    cache: str = "prefix"
-    seed: int | None = 0
+    boost: str = Field("none", description="logit boost: none | credit (dInfer's credit decoding, arXiv 2510.08666)")
+    credit_alpha: float = Field(0.7, description="boost=credit: logits + alpha * log(1 + credit)")
+    credit_gamma: float = Field(0.2, description="boost=credit: each step adds p_top1 ** gamma to the top token")
+    credit_decay: float = Field(0.8, description="boost=credit: every credit is multiplied by this each step")
+    blocks: str = Field(
+        "fixed",
+        description="fixed | adaptive (AdaBlock-dLLM, arXiv 2509.26432: a block ends after a confident delimiter; "
+        "block-causal planners: only inside a training block); adaptive needs a dynamic commit rule",
+    )
+    delimiter_threshold: float = Field(0.3, description="blocks=adaptive: a delimiter ends a block at this probability")
+    adaptive_window: int | None = Field(
+        None, description="blocks=adaptive: positions searched for a delimiter; None = max(block, gen_length / 4)"
+    )
+    delimiter_ids: tuple[int, ...] | None = Field(
+        None, description="blocks=adaptive: delimiter token ids; None = the model's (else the tokenizer's) own"
+    )
+    remask: str = Field("none", description="none | low_confidence: remask earlier commits whose probability fell")
+    remask_threshold: float = Field(0.1, description="remask: committed tokens below this probability")
+    remask_fraction: float = Field(0.1, description="remask: at most this fraction of the block per step")
+    eos_early_stop: str = Field(
+        "all",
+        description="end the span early: off | all (a block of stop ids) | any (a block with one) | inside (a final "
+        "stop id, mid-block)",
+    )
+    cache: str = Field("prefix", description="KV cache: none | prefix | dual (Fast-dLLM)")
+    precision: str = Field("float32", description="token statistics: float32 | float64 (LLaDA's reference)")
+    seed: int | None = Field(0, description="seeds the planner's noise (temperature > 0, confidence=random)")
 
-    @field_validator("commit")
+    @field_validator(*_PLANNER_NAMES)
     @classmethod
-    def _commit(cls, v: str) -> str:
-        from planners.strategies import COMMITS
+    def _names(cls, v: str, info: ValidationInfo) -> str:
+        return _check_name(f"planner.{info.field_name}", v, _planner_names(info.field_name))
 
-        return _check_name("planner.commit", v, sorted(COMMITS))
+    @field_validator("adaptive_window", "delimiter_ids", "seed", mode="before")
+    @classmethod
+    def _optional(cls, v: Any, info: ValidationInfo) -> Any:
+        """Strings from the environment: "none" / "null" / "" = None; delimiter ids as "[13, 198]" or "13,198"."""
+        if isinstance(v, str):
+            text = v.strip()
+            if text.lower() in _NONE_WORDS:
+                return None
+            return _token_ids(text) if info.field_name == "delimiter_ids" else text
+        if info.field_name == "delimiter_ids" and isinstance(v, int) and not isinstance(v, bool):
+            return (v,)
+        return v
 
     @field_validator("commit_policy")
     @classmethod
@@ -83,18 +207,6 @@ class PlannerSettings(_Section):
         if v is not None and not Path(v).expanduser().is_file():
             raise ValueError(f"planner.commit_policy={v!r}: no such file (a .safetensors commit policy)")
         return None if v is None else str(Path(v).expanduser())
-
-    @field_validator("confidence")
-    @classmethod
-    def _confidence(cls, v: str) -> str:
-        from planners.strategies import CONFIDENCES
-
-        return _check_name("planner.confidence", v, sorted(CONFIDENCES))
-
-    @field_validator("cache")
-    @classmethod
-    def _cache(cls, v: str) -> str:
-        return _check_name("planner.cache", v, ("none", "prefix", "dual"))
 
     @model_validator(mode="after")
     def _blocks(self) -> PlannerSettings:
@@ -108,7 +220,35 @@ class PlannerSettings(_Section):
                     f"planner.{name} ({getattr(self, name)}) must be a multiple of planner.block_length "
                     f"({self.block_length})"
                 )
+        try:  # the sampler's own checks (diffusion mode's config, scaled from this one, passes when this one does)
+            self.sampler_config("hybrid")
+        except (ValueError, OSError) as e:
+            raise ValueError(_sampler_error(self, e)) from None
         return self
+
+    def sampler_config(self, mode: str = "hybrid"):
+        """The `SamplerConfig` these settings give (every field passed through; the trajectory always recorded).
+        Diffusion mode writes the answer itself: `answer_length` tokens, steps scaled to match."""
+        from planners.sampler import SamplerConfig
+
+        kw = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(SamplerConfig)
+            if f.name in type(self).model_fields
+        }
+        if mode == "diffusion":
+            kw["gen_length"] = self.answer_length
+            kw["steps"] = max(1, self.steps * self.answer_length // self.gen_length)
+        return SamplerConfig(**kw, record_trajectory=True)
+
+
+def _sampler_error(p: PlannerSettings, e: Exception) -> str:
+    """A SamplerConfig error as one line naming the PlannerSettings field (its messages start with the field)."""
+    msg = str(e)
+    if isinstance(e, OSError):
+        return f"planner.commit_policy={p.commit_policy!r}: {msg}"
+    field = re.match(r"\w+", msg)
+    return f"planner.{msg}" if field and field.group(0) in PlannerSettings.model_fields else f"planner: {msg}"
 
 
 class ScoreSettings(_Section):
@@ -221,7 +361,7 @@ class HybridConfig(BaseSettings):
 
     mode: Mode = "hybrid"
     max_question_chars: int = Field(8000, ge=1)
-    planner: PlannerSettings = PlannerSettings()
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)  # built (and validated) on use
     score: ScoreSettings = ScoreSettings()
     revise: ReviseSettings = ReviseSettings()
     realizer: RealizerSettings = RealizerSettings()
@@ -314,5 +454,8 @@ def format_validation_error(e: ValidationError) -> str:
             msg = f"got {err.get('input')!r}; allowed: {expected}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown setting"
+        if re.match(rf"{re.escape(loc)}\b", msg):  # the message names the field itself ("planner.threshold must ...")
+            lines.append(msg)
+            continue
         lines.append(f"{loc}: {msg}")
     return "invalid configuration: " + "; ".join(lines)

@@ -3,6 +3,7 @@ bodies, and the pieces of a response built from the graph's final state.
 
     parse_body(raw) -> ChatRequest         JSON -> the fields of OpenAI's chat request this server reads
     validate_request(req, ...) -> Turn     fields and `Limits` checked; messages mapped to question + history
+    planner_settings(obj, config)          a request's `hybrid_planner` object -> validated PlannerSettings
     ApiError / run_error(e)                OpenAI-style error bodies (`{"error": {...}}`) with their status
     _usage / _finish_reason                the `usage` object and `finish_reason` from the graph's state
     _plan_info / _done_info                the `hybrid` extension objects on the plan and finish chunks
@@ -16,13 +17,14 @@ HTTP transport, the graph or its models — it sees a request body, the config, 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from hybrid.config import MODES, HybridConfig
+from hybrid.config import MODES, PLANNER_LOAD_FIELDS, HybridConfig, PlannerSettings
 from realizers.base import RealizerError, RealizerHTTPError, RealizerTimeout, RealizerUnavailable
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -105,6 +107,7 @@ class ChatRequest(BaseModel):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
     hybrid_mode: str | None = None
+    hybrid_planner: dict[str, Any] | None = None  # planner sampling settings for this request (`planner_settings`)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Turn:
     top_p: float
     stream: bool
     include_usage: bool
+    planner: PlannerSettings | None = None  # the request's planner settings (hybrid_planner); None = the server's
 
 
 def parse_body(raw: bytes) -> ChatRequest:
@@ -228,7 +232,49 @@ def validate_request(
     if not 0.0 < top_p <= 1.0:
         raise _bad(f"top_p={top_p} is out of range (0, 1]", param="top_p")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Turn(question, turns[:-1], mode, max_tokens, temperature, top_p, req.stream, include_usage)
+    planner = planner_settings(req.hybrid_planner, config) if req.hybrid_planner else None
+    return Turn(question, turns[:-1], mode, max_tokens, temperature, top_p, req.stream, include_usage, planner)
+
+
+# Sampling settings a request may not change although they are not load-time ones: a file path on the server
+REQUEST_REFUSED: dict[str, str] = {"commit_policy": "it names a file on the server"}
+
+
+def planner_request_fields() -> tuple[str, ...]:
+    """The `hybrid_planner` keys a request may set: the planner's sampling settings."""
+    return tuple(f for f in PlannerSettings.model_fields if f not in PLANNER_LOAD_FIELDS and f not in REQUEST_REFUSED)
+
+
+def planner_settings(overrides: dict[str, Any], config: HybridConfig) -> PlannerSettings:
+    """The server's planner settings with a request's `hybrid_planner` fields, validated as a config file's are
+    (`PlannerSettings`, which builds the `SamplerConfig`). Load-time fields, unknown keys and invalid values are a
+    400 naming `hybrid_planner.<field>`."""
+    allowed = planner_request_fields()
+    for key in overrides:
+        param = f"hybrid_planner.{key}"
+        if key in PLANNER_LOAD_FIELDS or key in REQUEST_REFUSED:
+            why = REQUEST_REFUSED.get(key, "it is fixed when the server loads the planner")
+            raise _bad(
+                f"{param} cannot be set per request: {why}; set planner.{key} in the server's configuration",
+                param=param,
+                code="unsupported_parameter",
+            )
+        if key not in allowed:
+            raise _bad(f"{param} is not a planner setting; allowed keys: {', '.join(allowed)}", param=param)
+    try:
+        return PlannerSettings.model_validate({**config.planner.model_dump(), **overrides})
+    except ValidationError as e:
+        messages, params = [], []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            named = re.match(r"planner\.(\w+)", msg)
+            field = str(err["loc"][0]) if err["loc"] else (named.group(1) if named else None)
+            msg = re.sub(r"\bplanner\.", "hybrid_planner.", msg)
+            if field is not None and not msg.startswith(f"hybrid_planner.{field}"):
+                msg = f"hybrid_planner.{field}: {msg}"
+            messages.append(msg)
+            params.append("hybrid_planner" if field is None else f"hybrid_planner.{field}")
+        raise _bad("; ".join(messages), param=params[0]) from None
 
 
 # ============================================================================================ responses

@@ -21,31 +21,14 @@ class SetupError(RuntimeError):
 
 def sampler_config(cfg: HybridConfig, mode: str = "hybrid"):
     """The one `SamplerConfig` a request's planner calls use, built from its `HybridConfig` (CLI, server,
-    graph context and compare all come through here; nothing reads a loaded planner's own settings).
+    graph context and compare all come through here; nothing reads a loaded planner's own settings): every
+    sampling field of `cfg.planner` passed through, the trajectory always recorded (the plan's score reads it).
     Diffusion mode writes the answer itself: `planner.answer_length` tokens, steps scaled to match."""
-    from planners.sampler import SamplerConfig
-
-    p = cfg.planner
-    gen_length, steps = p.gen_length, p.steps
-    if mode == "diffusion":
-        gen_length, steps = p.answer_length, max(1, p.steps * p.answer_length // p.gen_length)
-    return SamplerConfig(
-        gen_length=gen_length,
-        steps=steps,
-        block_length=p.block_length,
-        temperature=p.temperature,
-        cfg_scale=p.cfg_scale,
-        confidence=p.confidence,
-        commit=p.commit,
-        threshold=p.threshold,
-        commit_policy=p.commit_policy,
-        cache=p.cache,
-        seed=p.seed,
-        record_trajectory=True,
-    )
+    return cfg.planner.sampler_config(mode)
 
 
-def build_planner(cfg: HybridConfig, progress: Progress = lambda _m: None):
+def build_planner(cfg: HybridConfig, progress: Progress = lambda _m: None, *, threads: int | None = None):
+    """The planner `cfg` asks for; `threads` (llama.cpp engine) applies when `planner.threads` is unset."""
     import torch
 
     from planners.planner import Planner
@@ -62,6 +45,7 @@ def build_planner(cfg: HybridConfig, progress: Progress = lambda _m: None):
             dtype=getattr(torch, p.dtype),
             engine=p.engine,
             engine_weights=p.engine_weights,
+            threads=p.threads or threads,
             progress=progress,
         )
     except FileNotFoundError as e:
@@ -113,10 +97,18 @@ def build_realizer(cfg: HybridConfig, progress: Progress = lambda _m: None):
         raise SetupError(f"realizer: {e}") from None
 
 
-def build_context(cfg: HybridConfig, progress: Progress = lambda _m: None, *, modes: set[str] | None = None):
-    """Load what the configured mode (or every mode in `modes`) needs."""
+def build_context(
+    cfg: HybridConfig,
+    progress: Progress = lambda _m: None,
+    *,
+    modes: set[str] | None = None,
+    planner_threads: int | None = None,
+):
+    """Load what the configured mode (or every mode in `modes`) needs. `planner_threads`: the llama.cpp planner
+    engine's threads when `planner.threads` is unset (default: half the cores, leaving the rest to a realizer
+    that decodes at the same time; `hybrid run` passes all of them, as nothing else runs while it plans)."""
     modes = modes or {cfg.mode}
-    planner = build_planner(cfg, progress) if modes & {"hybrid", "diffusion"} else None
+    planner = build_planner(cfg, progress, threads=planner_threads) if modes & {"hybrid", "diffusion"} else None
     realizer = build_realizer(cfg, progress) if modes & {"hybrid", "ar"} else None
     embed = None
     if planner is not None and cfg.score.clusterer == "embedding":

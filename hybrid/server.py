@@ -72,13 +72,17 @@ DEFAULT_MODEL_NAME = "hybrid"
 
 
 def turn_context(base: HybridContext, turn: Turn) -> HybridContext:
-    """The server's context with this request's mode and sampling settings (the config is copied, the models
-    are shared)."""
+    """The server's context with this request's mode and sampling settings, the planner's (`hybrid_planner`)
+    included (the config is copied, the models are shared; the batching planner batches only requests whose
+    SamplerConfigs are equal)."""
     cfg = base.config
     realizer = cfg.realizer.model_copy(
         update={"max_tokens": turn.max_tokens, "temperature": turn.temperature, "top_p": turn.top_p}
     )
-    return dataclasses.replace(base, config=cfg.model_copy(update={"mode": turn.mode, "realizer": realizer}))
+    update: dict[str, Any] = {"mode": turn.mode, "realizer": realizer}
+    if turn.planner is not None:
+        update["planner"] = turn.planner
+    return dataclasses.replace(base, config=cfg.model_copy(update=update))
 
 
 def available_modes(ctx: HybridContext) -> tuple[str, ...]:
@@ -191,15 +195,28 @@ class Routes:
         return b"".join(chunks)
 
     async def check_planner_fit(self, turn: Turn) -> None:
+        """The request's planner settings suit the loaded planner (a block-causal planner's training blocks), and
+        its conversation leaves room in the planner's context for the tokens it asks the planner to write."""
         from hybrid import prompts
 
-        build = prompts.answer_messages if turn.mode == "diffusion" else prompts.plan_messages
+        settings = turn.planner if turn.planner is not None else self.ctx.config.planner
         planner = self.ctx.planner
+        mc = planner.model.config
+        if mc.attention == "block_causal" and settings.block_length != mc.block_size:
+            raise _bad(
+                f"hybrid_planner.block_length={settings.block_length}, but this planner's block-causal attention was "
+                f"trained on blocks of {mc.block_size}: use {mc.block_size} (or leave it out)",
+                param="hybrid_planner.block_length",
+            )
+        diffusion = turn.mode == "diffusion"
+        gen = settings.answer_length if diffusion else settings.gen_length  # as hybrid.runtime.sampler_config
+        build = prompts.answer_messages if diffusion else prompts.plan_messages
         ids = await self.runs.run_in_pool(planner.encode, build(turn.question, turn.history))
-        budget = planner.context_length - planner.sampler.gen_length
+        budget = planner.context_length - gen
         if len(ids) > budget:
             raise _bad(
-                f"the conversation is {len(ids)} planner tokens; the planner's context leaves room for {budget}",
+                f"the conversation is {len(ids)} planner tokens; the planner's context leaves room for {budget} "
+                f"({planner.context_length} minus the {gen} it would generate)",
                 param="messages",
                 code="context_length_exceeded",
             )

@@ -228,7 +228,7 @@ class BatchingPlanner:
         self.metrics.add(plan_batches=1, plan_rows=len(batch))
         self.metrics.peak("plan_max_batch", len(batch))
         started = time.monotonic()
-        cfg = batch[0].config
+        cfg = self.planner.resolve(batch[0].config) if hasattr(self.planner, "resolve") else batch[0].config
         prompts = [j.prompt_ids for j in batch]
         with torch.inference_mode():
             if batch[0].kind == "plan":

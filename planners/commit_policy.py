@@ -89,7 +89,7 @@ def features(c: CommitInputs) -> torch.Tensor:
         masked_left / w,
         mf.sum(-1, keepdim=True).expand(b, w) / w,
         torch.full_like(p, c.step / w),
-        torch.full_like(p, c.block * w / 64),
+        torch.full_like(p, (c.block * w if c.span_offset is None else c.span_offset) / 64),
         left_conf,
         right_conf,
         torch.isin(st.token, stops).float(),

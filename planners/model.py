@@ -43,6 +43,7 @@ class BackboneConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     extra_eos_ids: tuple[int, ...] = ()  # e.g. LLaDA's <|eot_id|>, chat end-of-turn tokens
+    delimiter_ids: tuple[int, ...] = ()  # newline / sentence-end tokens: where adaptive blocks may end
     head_dim: int | None = None
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -80,6 +81,7 @@ class BackboneConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["extra_eos_ids"] = list(self.extra_eos_ids)
+        d["delimiter_ids"] = list(self.delimiter_ids)
         d["lora_targets"] = list(self.lora_targets)
         return d
 
@@ -87,6 +89,7 @@ class BackboneConfig:
     def from_dict(cls, d: dict) -> BackboneConfig:
         d = dict(d)
         d["extra_eos_ids"] = tuple(d.get("extra_eos_ids", ()))
+        d["delimiter_ids"] = tuple(d.get("delimiter_ids", ()))
         d["lora_targets"] = tuple(d.get("lora_targets", cls.lora_targets))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -352,6 +355,7 @@ def attention_mask(
     gen_start: int,
     block_size: int = 0,
     query_positions: torch.Tensor | None = None,
+    block_starts: list[int] | None = None,
 ) -> torch.Tensor:
     """Boolean attention mask (B, 1, Lq, Lk), True = query may attend to key.
 
@@ -360,7 +364,9 @@ def attention_mask(
     Patterns: "full" (bidirectional, LLaDA / Dream), "causal", "block_causal" — causal over the
     prompt (positions < gen_start), and inside the generation span bidirectional within a block of
     `block_size` and causal across blocks (Fast-dLLM v2). Every query may attend to itself, so padding
-    rows never see an all-False row (which would give NaN through softmax)."""
+    rows never see an all-False row (which would give NaN through softmax).
+    `block_starts` (block_causal only): the span's blocks start at these positions (the first at gen_start)
+    instead of every block_size — a sampler with adaptive block ends; the last block runs to the end."""
     b, lk = valid.shape
     dev = valid.device
     keys = torch.arange(lk, device=dev)
@@ -373,9 +379,12 @@ def attention_mask(
         if block_size <= 0:
             raise ValueError("block_causal attention needs block_size > 0")
 
+        starts = None if block_starts is None else torch.tensor(sorted(block_starts), device=dev)
+
         def block_of(p: torch.Tensor) -> torch.Tensor:
-            # prompt positions are each their own block (causal); generation blocks of block_size
-            return torch.where(p < gen_start, p - gen_start, (p - gen_start) // block_size)
+            # prompt positions are each their own block (causal); generation blocks of block_size (or as given)
+            span = (p - gen_start) // block_size if starts is None else torch.searchsorted(starts, p, right=True) - 1
+            return torch.where(p < gen_start, p - gen_start, span)
 
         allowed = (keys[None, :] <= queries[:, None]) | (
             (block_of(keys)[None, :] <= block_of(queries)[:, None]) & (queries[:, None] >= gen_start)

@@ -71,6 +71,7 @@ class Planner:
         self.model = model
         self.tokenizer = tokenizer
         self.sampler = sampler
+        self._delimiters: tuple[int, ...] | None = None
         self.name = name
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._special.add(model.config.mask_token_id)
@@ -269,9 +270,19 @@ class Planner:
 
         return cb
 
+    def resolve(self, cfg: SamplerConfig) -> SamplerConfig:
+        """`cfg` with what it leaves to the planner filled in: adaptive blocks' delimiter ids, read from the
+        tokenizer on first use (0.5-1 s for a 50k vocabulary) when neither the config nor the model has them."""
+        if cfg.blocks != "adaptive" or cfg.delimiter_ids or self.model.config.delimiter_ids:
+            return cfg
+        if self._delimiters is None:
+            self._delimiters = delimiter_ids(self.tokenizer)
+        return dataclasses.replace(cfg, delimiter_ids=self._delimiters)
+
     def _run(
         self, x: torch.Tensor, prompt_ids: list[int], cfg: SamplerConfig, on_block: ProgressCallback | None = None
     ) -> PlanResult:
+        cfg = self.resolve(cfg)
         t0 = time.perf_counter()
         hook = self._progress(on_block) if on_block is not None else None
         out = denoise(self.model, x, gen_start=len(prompt_ids), config=cfg, on_block=hook)
@@ -292,6 +303,24 @@ class Planner:
 
 
 UNTRAINED = "none"  # planner.adapter value that asks for the untrained base model explicitly
+
+
+_SENTENCE_ENDS = ".!?;:"
+
+
+def delimiter_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The token ids where an adaptive block may end (AdaBlock-dLLM, arXiv 2509.26432, uses newline and
+    sentence-end tokens): tokens whose text holds a newline, or is punctuation ending in . ! ? ; or :."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    out = []
+    for i, t in enumerate(texts):
+        core = t.strip(" ")
+        if not core:
+            continue
+        if "\n" in core or (core[-1] in _SENTENCE_ENDS and not any(ch.isalnum() for ch in core)):
+            out.append(i)
+    return tuple(out)
 
 
 def is_untrained(adapter: str | os.PathLike | None) -> bool:

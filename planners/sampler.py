@@ -8,9 +8,13 @@ for a batch of prompts; `infill` fills the masked slots of templates (a JSON ske
 The pipeline of one step (the span is cut into blocks of `block_length`; blocks run left to right):
   1. forward the window the cache strategy asks for (CFG: conditional + unconditional rows in one batch);
   2. align predictions with positions (`config.shift`: position p reads the logits at p - 1) — in `_aligned`;
-  3. per position of the block: token (argmax, or Gumbel-max with float64 noise), prob, entropy, margin;
-  4. confidence -> position calibration -> the commit rule picks positions (count schedules, thresholds);
-  5. write the committed tokens; optionally remask low-confidence earlier commits; record the step.
+     adaptive blocks (`blocks="adaptive"`, AdaBlock) decide here, at a block's first step, where it ends;
+  3. optionally boost the logits (`boost="credit"`: dInfer's credit for tokens predicted again and again);
+  4. per position of the block: token (argmax, or Gumbel-max with float64 noise), prob, entropy, margin;
+  5. confidence -> position calibration -> the commit rule picks positions (count schedules, thresholds in the
+     confidence's units, Fast-dLLM's factor rule, a learned policy);
+  6. write the committed tokens; optionally remask low-confidence earlier commits; record the step; with
+     `eos_early_stop="inside"`, what follows a stop id whose left side is final becomes EOS at once.
 After a block: rows whose block is all stop ids (or, by option, contains one) get the rest of their span
 filled with EOS, which ends their work.
 
@@ -32,6 +36,8 @@ import torch
 from planners.model import DiffusionBackbone, KVCache, attention_mask, position_ids_from_valid
 from planners.recorder import StepClock, StepRecorder
 from planners.strategies import (
+    BLOCK_RULES,
+    BOOSTS,
     CACHES,
     COMMITS,
     CONFIDENCES,
@@ -41,6 +47,8 @@ from planners.strategies import (
     PRECISIONS,
     REMASKS,
     SCHEDULES,
+    Blocks,
+    Boost,
     Cache,
     Commit,
     CommitInputs,
@@ -51,6 +59,8 @@ from planners.strategies import (
     Schedule,
     Window,
     calibrate,
+    stop_inside,
+    threshold_in_conf,
 )
 from planners.trajectory import Trajectory
 
@@ -80,13 +90,23 @@ class SamplerConfig:
     commit: Commit = "static"
     schedule: Schedule = "llada"  # tokens per step for counted commits: LLaDA's counts or Dream's timesteps
     schedule_eps: float = 1e-3  # Dream's final timestep
-    threshold: float = 0.9  # commit="threshold": tau (in the confidence's units)
+    threshold: float = 0.9  # commit="threshold": tau, in the confidence's units (probability; entropy: nats)
     eb_gamma: float = 0.1  # commit="entropy_bounded": entropy budget per step, nats
+    factor: float = 1.0  # commit="factor": Fast-dLLM's f (commit the largest n with (n + 1)(1 - c_n) <= f)
     commit_policy: str | None = None  # commit="learned": policy weights (.safetensors); None = the shipped one
+    boost: Boost = "none"  # "credit": dInfer's credit decoding boosts tokens predicted repeatedly
+    credit_alpha: float = 0.7  # boost="credit": logits + alpha * log(1 + credit)
+    credit_gamma: float = 0.2  # ... each step adds p_top1 ** gamma to the top-1 token's credit ...
+    credit_decay: float = 0.8  # ... after multiplying every credit by decay
+    blocks: Blocks = "fixed"  # "adaptive": AdaBlock's blocks end after a confident delimiter
+    delimiter_threshold: float = 0.3  # blocks="adaptive": a delimiter ends a block at this probability
+    adaptive_window: int | None = None  # blocks="adaptive": positions searched (None: max(block, gen_length / 4))
+    delimiter_ids: tuple[int, ...] | None = None  # blocks="adaptive": None = the model config's delimiter ids
     remask: Remask = "none"
     remask_threshold: float = 0.1  # remask committed tokens whose current probability is below this ...
     remask_fraction: float = 0.1  # ... at most this fraction of the block per step; each position once
-    eos_early_stop: EarlyStop = "all"  # after a block that is all stop ids ("any": contains one): fill with EOS
+    eos_early_stop: EarlyStop = "all"  # after a block that is all stop ids ("any": contains one): fill with EOS;
+    # "inside": as soon as a stop id and everything before it are final, even mid-block
     cache: Cache = "none"
     precision: Precision = "float32"  # "float64": LLaDA's reference arithmetic for the token statistics
     record_trajectory: bool = False
@@ -106,6 +126,8 @@ class SamplerConfig:
         _one_of("cache", self.cache, CACHES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("eos_early_stop", self.eos_early_stop, EARLY_STOPS)
+        _one_of("boost", self.boost, BOOSTS)
+        _one_of("blocks", self.blocks, BLOCK_RULES)
         if self.block > self.gen_length:
             raise ValueError(f"block_length={self.block_length} exceeds gen_length={self.gen_length}")
         if self.gen_length % self.block:
@@ -128,8 +150,44 @@ class SamplerConfig:
             raise ValueError(f"position_calibration must be finite, got {self.position_calibration}")
         if not 0 < self.schedule_eps < 1:
             raise ValueError(f"schedule_eps must be in (0, 1), got {self.schedule_eps}")
-        if self.confidence in ("max_prob", "margin", "random") and not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1] for confidence={self.confidence!r}, got {self.threshold}")
+        if self.confidence == "entropy":
+            if not (self.threshold >= 0 and math.isfinite(self.threshold)):
+                raise ValueError(
+                    f"threshold must be a finite number of nats >= 0 for confidence='entropy' (commit where the "
+                    f"token entropy is at most threshold), got {self.threshold}"
+                )
+        elif not 0 < self.threshold <= 1:
+            raise ValueError(
+                f"threshold must be a probability in (0, 1] for confidence={self.confidence!r}, got {self.threshold}"
+            )
+        if not (self.factor > 0 and math.isfinite(self.factor)):
+            raise ValueError(f"factor must be a finite number > 0, got {self.factor}")
+        if self.commit == "factor" and self.confidence not in ("max_prob", "margin"):
+            raise ValueError(
+                f"commit='factor' reads confidences as probabilities (1 - c); confidence={self.confidence!r} is not "
+                "one: use confidence='max_prob' or 'margin'"
+            )
+        if not (self.credit_alpha >= 0 and math.isfinite(self.credit_alpha)):
+            raise ValueError(f"credit_alpha must be a finite number >= 0, got {self.credit_alpha}")
+        if not (self.credit_gamma > 0 and math.isfinite(self.credit_gamma)):
+            raise ValueError(f"credit_gamma must be a finite number > 0, got {self.credit_gamma}")
+        if not 0 <= self.credit_decay <= 1:
+            raise ValueError(f"credit_decay must be in [0, 1], got {self.credit_decay}")
+        if not 0 < self.delimiter_threshold <= 1:
+            raise ValueError(f"delimiter_threshold must be a probability in (0, 1], got {self.delimiter_threshold}")
+        aw = self.adaptive_window
+        if aw is not None and (not isinstance(aw, int) or isinstance(aw, bool) or aw < 1):
+            raise ValueError(f"adaptive_window must be a positive integer or None, got {self.adaptive_window!r}")
+        if self.delimiter_ids is not None:
+            ids = tuple(self.delimiter_ids)
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"delimiter_ids must be token ids (integers >= 0), got {self.delimiter_ids!r}")
+            object.__setattr__(self, "delimiter_ids", ids)
+        if self.blocks == "adaptive" and self.commit in COUNTED_COMMITS:
+            raise ValueError(
+                f"blocks='adaptive' needs a dynamic commit rule (threshold, factor, entropy_bounded, learned): "
+                f"commit={self.commit!r} counts its tokens per step from a fixed block length"
+            )
         if self.commit == "learned":
             from planners.commit_policy import load_commit_policy
 
@@ -270,6 +328,13 @@ def _remask(run: _Run, x_blk, preds, commit, by_sampler, remasked_once) -> torch
     return REMASKS[run.config.remask](p_now, eligible, threshold=run.config.remask_threshold, max_count=k)
 
 
+def _block_attn(valid: torch.Tensor, mc, gen_start: int, starts: list[int], copies: int) -> torch.Tensor:
+    """Block-causal attention whose span blocks start at `starts` (adaptive block ends), CFG copies stacked."""
+    attn = attention_mask(valid, pattern="block_causal", gen_start=gen_start, block_size=mc.block_size,
+                          block_starts=starts)  # fmt: skip
+    return attn.repeat(copies, 1, 1, 1)
+
+
 def _check_model(model: DiffusionBackbone, config: SamplerConfig) -> None:
     mc = model.config
     if mc.attention == "block_causal" and config.block != mc.block_size:
@@ -345,6 +410,7 @@ def denoise(
     stats_fn = PRECISIONS[cfg.precision]
     conf_fn, commit_fn, window_fn = CONFIDENCES[cfg.confidence], COMMITS[cfg.commit], CACHES[cfg.cache]
     counted = cfg.commit in COUNTED_COMMITS
+    inside = cfg.eos_early_stop == "inside"
     policy = None
     if cfg.commit == "learned":
         from planners.commit_policy import load_commit_policy
@@ -354,8 +420,21 @@ def denoise(
     cols = masked0.any(0).nonzero()
     first_masked = int(cols[0]) if len(cols) else gen_start  # host read, once
     bl = cfg.block
-    blocks = [(gen_start + k * bl, gen_start + (k + 1) * bl) for k in range(cfg.num_blocks)]
-    blocks[0] = (min(first_masked, gen_start), blocks[0][1])
+    block_causal = mc.attention == "block_causal"
+    adaptive = cfg.blocks == "adaptive"
+    end_rule = BLOCK_RULES[cfg.blocks]
+    boost = BOOSTS[cfg.boost]
+    thr = cfg.threshold if cfg.commit == "learned" else threshold_in_conf(cfg.confidence, cfg.threshold)
+    delims = None
+    if adaptive:
+        ids = cfg.delimiter_ids if cfg.delimiter_ids is not None else mc.delimiter_ids
+        if not ids:
+            raise ValueError(
+                "blocks='adaptive' needs delimiter token ids: set SamplerConfig.delimiter_ids or the model config's "
+                "delimiter_ids (planners.planner.Planner fills them from its tokenizer)"
+            )
+        delims = torch.tensor(ids, device=dev)
+    window = cfg.adaptive_window or max(bl, cfg.gen_length // 4)
 
     by_sampler = torch.zeros_like(masked0)  # positions this run committed (remasking may revisit them)
     remasked_once = torch.zeros_like(masked0)
@@ -363,23 +442,58 @@ def denoise(
     per_step: list[torch.Tensor] = []
     clock = StepClock(dev)
     fresh = 0  # causal patterns with a cache: K/V before this position are final
-    steps, spb = 0, cfg.steps_per_block
+    steps = 0
+    starts: list[int] = []  # span block starts so far (adaptive blocks of a block-causal model: its attention)
 
-    for block, (lo, hi) in enumerate(blocks):
+    def grid_end(p: int) -> int:  # end of the fixed block holding position p (a masked prompt: the first block)
+        return gen_start + ((max(p, gen_start) - gen_start) // bl + 1) * bl
+
+    lo, block = min(first_masked, gen_start), -1
+    while lo < length:
+        block += 1
+        # this block's end: the fixed grid, or (adaptive) decided at its first step, at most `limit`
+        sized = adaptive and lo >= gen_start
+        limit = grid_end(lo) if block_causal or not sized else length
+        hi = grid_end(lo) if not sized else min(lo + bl, length)
+        if sized:
+            hi = min(max(lo + window, hi), limit)  # the first step looks this far ahead
+            if block_causal and run.attn is not None:  # block-causal attention follows the sampler's blocks
+                run.attn = _block_attn(valid, mc, gen_start, [*starts, lo, limit], cfg2)
         blk_masked = (x[:, lo:hi] == mask_id) & valid[:, lo:hi]
         if not bool(blk_masked.any()):  # one host read per block: nothing to fill here
+            if sized:
+                hi = min(lo + bl, limit)
+            if lo >= gen_start:
+                starts.append(lo)
+            lo = hi
             continue
         m_start = blk_masked.sum(-1)
-        for i in range(spb):
+        spb = cfg.steps_per_block
+        credit = None
+        i = 0
+        while i < spb:
             if i > 0:
                 blk_masked = (x[:, lo:hi] == mask_id) & valid[:, lo:hi]
-                if not counted and not bool(blk_masked.any()):  # dynamic rules: the block is done (host read)
+                if (not counted or inside) and not bool(blk_masked.any()):  # the block is done (host read)
                     break
             win = window_fn(refresh=i == 0, lo=lo, hi=hi, length=length, shift=shift, causal=run.causal, fresh=fresh)
             logits = _forward(run, x, win, lo)
             if cache is not None and i == 0:
                 fresh = lo  # this refresh recomputed [fresh, lo) from final tokens
+            if sized and i == 0:  # AdaBlock: the block ends after a confident delimiter (one host read)
+                ahead = _aligned(logits, win.start, lo, hi, shift)
+                look = stats_fn(ahead, exclude_ids=run.exclude)
+                hi = end_rule(lo=lo, default_hi=min(lo + bl, limit), limit=limit, window=window, stats=look,
+                              masked=blk_masked, delimiter_ids=delims, threshold=cfg.delimiter_threshold)  # fmt: skip
+                blk_masked, m_start = blk_masked[:, : hi - lo], blk_masked[:, : hi - lo].sum(-1)
+                spb = max(1, math.ceil(cfg.steps * (hi - lo) / cfg.gen_length))
+                if block_causal and run.attn is not None:
+                    run.attn = _block_attn(valid, mc, gen_start, [*starts, lo, hi], cfg2)
             preds = _aligned(logits, win.start, lo, hi, shift)  # (B, W, V)
+            if boost is not None:  # dInfer's credit: logits + alpha log(1 + credit), credit kept per block
+                preds = preds.index_fill(-1, run.exclude, NEG_INF)  # the mask id gathers no credit
+                preds, credit = boost(preds, blk_masked, credit, alpha=cfg.credit_alpha, gamma=cfg.credit_gamma,
+                                      decay=cfg.credit_decay)  # fmt: skip
             u = None
             if cfg.temperature > 0:  # LLaDA: uniform noise in float64 (arXiv 2409.02908)
                 u = torch.rand(preds.shape, generator=generator, device=dev, dtype=torch.float64)
@@ -396,9 +510,10 @@ def denoise(
                 if policy is not None:  # what the learned rule reads (planners.commit_policy.features)
                     left = x[:, lo - 1 : lo] if lo > 0 else torch.full_like(x[:, :1], mask_id)
                     extra = dict(stats=st, context=torch.cat([left, x[:, lo:hi]], 1), step=i, block=block,
-                                 num_blocks=len(blocks), stop_ids=stop_ids, policy=policy)  # fmt: skip
+                                 span_offset=max(lo - gen_start, 0), num_blocks=cfg.num_blocks, stop_ids=stop_ids,
+                                 policy=policy)  # fmt: skip
                 commit = commit_fn(
-                    CommitInputs(score, conf, st.entropy, blk_masked, count, cfg.threshold, cfg.eb_gamma, **extra)
+                    CommitInputs(score, conf, st.entropy, blk_masked, count, thr, cfg.eb_gamma, cfg.factor, **extra)
                 )
             x_blk = x[:, lo:hi].clone() if rec is not None or cfg.remask != "none" else None
             span_before = x[:, gen_start:].clone() if rec is not None else None
@@ -415,12 +530,25 @@ def denoise(
             per_step.append(commit.sum(-1))
             if rec is not None:
                 pl, ph = _predicted_span(run, win)
-                if ph > pl:
+                if (pl, ph) == (lo, hi) and cfg.temperature == 0 and boost is None:  # the step's own statistics
+                    rec.observe(pl, ph, st.token, st.entropy)
+                elif ph > pl:
                     greedy = stats_fn(_aligned(logits, win.start, pl, ph, shift), exclude_ids=run.exclude)
                     rec.observe(pl, ph, greedy.token, greedy.entropy)
                 after = x[:, gen_start:]
                 rec.step(block, lo, hi, span_before, after, commit=commit, prob=st.prob, remasked=remasked)
+            if inside and i < spb - 1:  # end of text inside the block: what follows a settled stop id is EOS
+                s0 = max(lo, gen_start)
+                settled = ~((x[:, gen_start:s0] == mask_id) & valid[:, gen_start:s0]).any(-1)
+                blk = x[:, s0:hi]
+                fill = stop_inside(blk, (blk == mask_id) & valid[:, s0:hi], stop_ids, settled)
+                x[:, s0:hi] = blk.masked_fill(fill, mc.eos_token_id)
+                if rec is not None:
+                    span_fill = torch.zeros_like(x[:, gen_start:], dtype=torch.bool)
+                    span_fill[:, s0 - gen_start : hi - gen_start] = fill
+                    rec.filled(span_fill)
             steps += 1
+            i += 1
             clock.mark()
         if cfg.eos_early_stop != "off":  # rows whose finished block is all (any) stop ids: fill the rest with EOS
             is_stop = torch.isin(x[:, max(lo, gen_start) : hi], stop_ids)
@@ -429,14 +557,17 @@ def denoise(
             x[:, hi:] = x[:, hi:].masked_fill(fill, mc.eos_token_id)
             if rec is not None:
                 rec.filled(torch.cat([torch.zeros_like(x[:, gen_start:hi], dtype=torch.bool), fill], 1))
+        if lo >= gen_start:
+            starts.append(lo)
         if on_block is not None:
             span = x[:, gen_start:].cpu()  # (B, gen_length): final up to hi - gen_start (one host read per block)
             ended = bool(torch.isin(span[:, : hi - gen_start], stop_ids.cpu()).any(-1).all())
-            ended = ended or block == len(blocks) - 1
+            ended = ended or hi >= length
             done = BlockDone(block, hi - gen_start, span, steps * cfg2, time.perf_counter() - t0, ended)
             if on_block(done) and not ended:
                 x[:, hi:] = x[:, hi:].masked_fill(x[:, hi:] == mask_id, mc.eos_token_id)  # stop: rest is EOS
                 break
+        lo = hi
 
     step_seconds = clock.seconds()
     tokens = x[:, gen_start:].clone()

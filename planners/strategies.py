@@ -22,10 +22,12 @@ from kernels.sampling_stats import TokenStats, token_stats
 Precision = Literal["float32", "float64"]
 Confidence = Literal["random", "max_prob", "entropy", "margin"]
 Schedule = Literal["llada", "dream"]
-Commit = Literal["static", "threshold", "dilated", "entropy_bounded", "learned"]
+Commit = Literal["static", "threshold", "factor", "dilated", "entropy_bounded", "learned"]
 Remask = Literal["none", "low_confidence"]
 Cache = Literal["none", "prefix", "dual"]
-EarlyStop = Literal["off", "all", "any"]
+EarlyStop = Literal["off", "all", "any", "inside"]
+Boost = Literal["none", "credit"]
+Blocks = Literal["fixed", "adaptive"]
 
 NEG_INF = float("-inf")
 
@@ -88,6 +90,13 @@ CONFIDENCES: dict[str, Callable[[TokenStats, torch.Generator | None], torch.Tens
     "entropy": lambda s, g: -s.entropy,  # Dream `entropy`: sum p log p (higher = more confident)
     "margin": lambda s, g: s.margin,  # Dream topk_margin: p1 - p2
 }
+
+
+def threshold_in_conf(confidence: str, threshold: float) -> float:
+    """A commit threshold in the units of the confidence score the rules compare against: probabilities for
+    max_prob / margin / random (commit at conf >= tau, tau in (0, 1]); nats for entropy (commit at entropy
+    <= tau, i.e. at -entropy >= -tau)."""
+    return -threshold if confidence == "entropy" else threshold
 
 
 def calibrate(conf: torch.Tensor, strength: float) -> torch.Tensor:
@@ -169,13 +178,15 @@ class CommitInputs:
     entropy: torch.Tensor  # (B, W) token entropy, nats
     masked: torch.Tensor  # (B, W) bool, the candidates
     count: torch.Tensor | None  # (B,) tokens to commit, from the schedule (count-based rules only)
-    threshold: float
+    threshold: float  # in the confidence's units (`threshold_in_conf`)
     gamma: float
+    factor: float = 1.0  # commit="factor": Fast-dLLM's f
     # what a learned rule reads besides (the sampler fills these; hand-set rules ignore them)
     stats: TokenStats | None = None  # the step's token statistics (token, prob, entropy, margin), (B, W) each
     context: torch.Tensor | None = None  # (B, W + 1) tokens now: the one left of the block, then the block
     step: int = 0  # denoising step inside the block
     block: int = 0  # block index in the span
+    span_offset: int | None = None  # where the block starts in the span (None: block * W, the fixed grid)
     num_blocks: int = 1
     stop_ids: torch.Tensor | None = None  # (S,) ids that end an answer
     policy: Callable[[CommitInputs], torch.Tensor] | None = None  # commit="learned": P(final), (B, W)
@@ -202,6 +213,28 @@ def commit_threshold(c: CommitInputs) -> torch.Tensor:
     position whose confidence is >= threshold."""
     top1 = top_k_mask(c.score, torch.ones_like(c.score[:, 0], dtype=torch.long))
     return (top1 | (c.conf >= c.threshold)) & c.masked
+
+
+def commit_factor(c: CommitInputs) -> torch.Tensor:
+    """Fast-dLLM's factor rule (arXiv 2505.22618, `get_transfer_index_dynamic`): sort the block's masked
+    confidences c_1 >= c_2 >= ... and commit the largest prefix n whose every c_k >= 1 - f / (k + 1), i.e.
+    (k + 1)(1 - c_k) <= f; the top-1 always. As upstream, when only the last masked position fails, it is
+    committed too (the loop's `top_i == len - 1` case), so a block with one mask left after this step never
+    waits a pass for it. A higher f commits more per step. Confidences are probabilities (max_prob, margin).
+
+    The ranking is by the calibrated score; with position_calibration = 0 it is the confidence itself."""
+    masked_n = c.masked.sum(-1)  # (B,) M per row
+    w = c.masked.shape[-1]
+    srt = torch.where(c.masked, c.conf, NEG_INF).sort(dim=-1, descending=True, stable=True).values
+    n = torch.arange(1, w + 1, device=c.conf.device, dtype=srt.dtype)
+    thr = 1 - c.factor / (n + 1)
+    thr[0] = -1.0  # at least one token
+    ranks = torch.arange(w, device=c.conf.device)
+    fail = (srt < thr) & (ranks < masked_n[:, None])
+    first_fail = torch.where(fail.any(-1), fail.long().argmax(-1), (masked_n - 1).clamp(min=0))
+    count = torch.where((first_fail == 0) | (first_fail == masked_n - 1), first_fail + 1, first_fail)
+    count = torch.minimum(count, masked_n)
+    return top_k_mask(c.score, count) & c.masked
 
 
 def commit_entropy_bounded(c: CommitInputs) -> torch.Tensor:
@@ -238,6 +271,7 @@ def commit_learned(c: CommitInputs) -> torch.Tensor:
 COMMITS: dict[str, Callable[[CommitInputs], torch.Tensor]] = {
     "static": commit_static,
     "threshold": commit_threshold,
+    "factor": commit_factor,
     "dilated": commit_dilated,
     "entropy_bounded": commit_entropy_bounded,
     "learned": commit_learned,
@@ -299,4 +333,90 @@ def window_dual(*, refresh: bool, lo: int, hi: int, length: int, shift: int, cau
 
 CACHES: dict[str, Callable[..., Window]] = {"none": window_none, "prefix": window_prefix, "dual": window_dual}
 
-EARLY_STOPS: tuple[str, ...] = ("off", "all", "any")
+EARLY_STOPS: tuple[str, ...] = ("off", "all", "any", "inside")
+
+
+def stop_inside(block: torch.Tensor, masked: torch.Tensor, stop_ids: torch.Tensor, before_final: torch.Tensor):
+    """End of text inside a block (cf. Learn2PD's end-of-answer stop, arXiv 2509.25188): per row, the positions
+    of the block to fill with EOS now — every position right of the first stop id, once that stop id and every
+    position before it (in the block, and `before_final` (B,) for the span before the block) are final. Nothing
+    left of the stop changes (it was final already); the answer ends at the stop id whatever fills the rest, so
+    the block, and the span, need no more passes for it. block, masked: (B, W). (B, W) bool."""
+    is_stop = torch.isin(block, stop_ids) & ~masked
+    has = is_stop.any(-1)
+    first = torch.where(has, is_stop.long().argmax(-1), block.shape[-1])  # (B,)
+    cols = torch.arange(block.shape[-1], device=block.device)
+    settled = ~(masked & (cols[None, :] < first[:, None])).any(-1)  # nothing masked before the stop
+    ok = has & settled & before_final
+    return ok[:, None] & (cols[None, :] > first[:, None]) & masked
+
+
+# ----------------------------------------------------------------------------- logit boosts
+
+
+def credit_boost(
+    preds: torch.Tensor,
+    masked: torch.Tensor,
+    credit: torch.Tensor | None,
+    *,
+    alpha: float,
+    gamma: float,
+    decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dInfer's credit decoding (arXiv 2510.08666, `CreditThresholdParallelDecoder`; after CreditDecoding,
+    arXiv 2510.06133): each position of the block keeps a credit per token, decayed by `decay` every step and
+    raised by p_top1^gamma for the token it predicts top-1 while still masked; the logits the step decides on
+    are logits + alpha * log(1 + credit). A token predicted again and again gathers credit and commits earlier;
+    one predicted once decays away. `credit` is None at a block's first step (a fresh (B, W, V) float32 state).
+    Returns (boosted logits, credit)."""
+    probs = torch.softmax(preds.float(), dim=-1)
+    top_p, top_i = probs.max(-1)
+    if credit is None:
+        credit = torch.zeros(preds.shape, dtype=torch.float32, device=preds.device)
+    else:
+        credit.mul_(decay)
+    credit.scatter_add_(-1, top_i.unsqueeze(-1), (top_p.pow(gamma) * masked.float()).unsqueeze(-1))
+    return preds + alpha * torch.log1p(credit).to(preds.dtype), credit
+
+
+BOOSTS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] = {"none": None, "credit": credit_boost}
+
+
+# ----------------------------------------------------------------------------- block boundaries
+
+
+def block_end_fixed(*, lo: int, default_hi: int, **_: object) -> int:
+    """Semi-autoregressive blocks of block_length: the block ends where the fixed grid says."""
+    return default_hi
+
+
+def block_end_adaptive(
+    *,
+    lo: int,
+    default_hi: int,
+    limit: int,
+    window: int,
+    stats: TokenStats,
+    masked: torch.Tensor,
+    delimiter_ids: torch.Tensor,
+    threshold: float,
+) -> int:
+    """AdaBlock-dLLM (arXiv 2509.26432): at a block's first step, look at the predictions for the next
+    `window` positions from lo; if the most confident predicted delimiter (newline, sentence end) has
+    probability >= threshold, the block ends right after it, else at default_hi. Never past `limit` (the span's
+    end; for block-causal planners, the training block's end: they were trained on that grid, so an adaptive
+    block can only split a training block, never span two). A batch shares one block: it ends at the earliest
+    row's end, so no row's block crosses its own boundary. stats / masked: the window's (B, window)."""
+    hi = min(default_hi, limit)
+    width = min(window, limit - lo, stats.token.shape[-1])
+    if width <= 0 or delimiter_ids.numel() == 0:
+        return hi
+    tok, prob = stats.token[:, :width], stats.prob[:, :width]
+    is_delim = torch.isin(tok, delimiter_ids) & masked[:, :width]
+    score = torch.where(is_delim, prob, NEG_INF)
+    best_p, best_at = score.max(-1)  # first of equal maxima (as torch.max)
+    ends = torch.where(best_p >= threshold, lo + best_at + 1, torch.full_like(best_at, hi))
+    return int(min(int(ends.min()), limit))
+
+
+BLOCK_RULES: dict[str, Callable[..., int]] = {"fixed": block_end_fixed, "adaptive": block_end_adaptive}

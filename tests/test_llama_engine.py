@@ -170,13 +170,22 @@ def test_interleaved_runs_keep_their_own_cache(engine, smol_tokenizer):
         torch.testing.assert_close(engine(x[:, g - 1 :], cache=c, cache_start=g - 1, final=g)[:, 1:], s)
 
 
-@pytest.mark.parametrize("commit", ["static", "threshold"])
-def test_engine_gives_torch_tokens(engine, tiny_lora, smol_tokenizer, commit):
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(commit="static"),
+        dict(commit="threshold"),
+        dict(commit="factor", factor=2.0, boost="credit", eos_early_stop="inside"),
+        # adaptive blocks split training blocks: the engine's blocks follow the sampler's, as torch's attention does
+        dict(commit="threshold", blocks="adaptive", delimiter_ids=tuple(range(0, 49152, 3)), delimiter_threshold=0.01),
+    ],
+    ids=lambda d: "-".join(str(v) for k, v in d.items() if k != "delimiter_ids"),
+)
+def test_engine_gives_torch_tokens(engine, tiny_lora, smol_tokenizer, rule):
     from planners.sampler import SamplerConfig, sample
 
-    cfg = SamplerConfig(
-        gen_length=32, steps=32, block_length=8, commit=commit, threshold=0.5, cache="prefix", record_trajectory=True
-    )
+    cfg = SamplerConfig(gen_length=32, steps=32, block_length=8, threshold=0.5, cache="prefix", record_trajectory=True)
+    cfg = SamplerConfig(**{**cfg.to_dict(), **rule})
     prompts = _prompts(smol_tokenizer)
     for batch in ([prompts[0]], prompts):  # one row, and two rows of different lengths (left padding)
         want = sample(tiny_lora, batch, cfg)

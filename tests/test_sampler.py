@@ -4,7 +4,9 @@ Models are tiny and real: random checkpoints of the three layouts (LLaDA full at
 with the shift; Llama adapted with block-causal or causal attention and the shift), saved and loaded through
 `save_checkpoint` / `load_backbone`, plus one LLaDA-layout model trained here for a few seconds on a copy
 task (copy the first L of 4 prompt tokens, then EOS), which is confident the way a trained planner is.
-The fidelity against the LLaDA / Dream reference procedures is in test_sampler_fidelity.py.
+The fidelity against the LLaDA / Dream reference procedures, Fast-dLLM's factor rule and dInfer's credit decoding
+is in test_sampler_fidelity.py; the newer rules' behaviour (factor, credit, adaptive blocks, the end-of-text stop
+inside a block, thresholds in the confidence's units) is at the end of this file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,21 @@ import torch.nn.functional as F
 from planners.loading import load_backbone, save_checkpoint
 from planners.model import BackboneConfig, DiffusionBackbone
 from planners.sampler import SamplerConfig, denoise, infill, sample
-from planners.strategies import CACHES, COMMITS, CONFIDENCES, PRECISIONS, REMASKS, SCHEDULES, dilated_order
+from planners.strategies import (
+    CACHES,
+    COMMITS,
+    CONFIDENCES,
+    PRECISIONS,
+    REMASKS,
+    SCHEDULES,
+    CommitInputs,
+    TokenStats,
+    block_end_adaptive,
+    commit_factor,
+    credit_boost,
+    dilated_order,
+    stop_inside,
+)
 
 V, MASK, EOS, EOT = 64, 63, 1, 2
 
@@ -193,7 +209,8 @@ def _no_masks_left(out, mask_id):
     + [{"cache": c} for c in CACHES]
     + [{"remask": r, "remask_threshold": 1.0} for r in REMASKS]
     + [{"precision": p} for p in PRECISIONS]
-    + [{"eos_early_stop": e} for e in ("off", "all", "any")]
+    + [{"eos_early_stop": e} for e in ("off", "all", "any", "inside")]
+    + [{"commit": "threshold", "boost": "credit"}, {"commit": "threshold", "blocks": "adaptive", "delimiter_ids": (9,)}]
     + [{"position_calibration": 2.0}, {"cfg_scale": 1.0}, {"temperature": 0.7, "seed": 3}],
     ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
 )
@@ -569,3 +586,192 @@ def test_no_host_sync_per_step_on_cuda(copier):
 
     for kw in ({}, {"cache": "dual", "temperature": 0.7, "seed": 0}, {"record_trajectory": True}):
         assert syncs(3, **kw) == syncs(12, **kw), kw
+
+
+RULE_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+
+
+# ----------------------------------------------------------------------------- factor rule
+
+
+def test_a_higher_factor_commits_more_per_step_on_the_same_confidences():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        conf = torch.rand(4, 8, generator=g) ** 0.3
+        masked = torch.rand(4, 8, generator=g) < 0.8
+        masked[:, 0] = True
+        score = torch.where(masked, conf, float("-inf"))
+        counts = [
+            commit_factor(CommitInputs(score, conf, conf, masked, None, 0.9, 0.1, f)).sum(-1)
+            for f in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+        ]
+        for lo, hi in zip(counts, counts[1:], strict=False):
+            assert (lo <= hi).all()
+        assert (counts[0] >= 1).all() and (counts[-1] <= masked.sum(-1)).all()
+
+
+def test_a_higher_factor_takes_fewer_passes(llada, copier, copy_prompts):
+    nfe = {}
+    for f in (0.25, 1.0, 4.0):
+        cfg = SamplerConfig(gen_length=16, steps=16, block_length=8, commit="factor", factor=f, eos_early_stop="off")
+        out = sample(llada, RULE_PROMPTS, cfg)
+        assert not (out.tokens == MASK).any()
+        nfe[f] = out.nfe
+    assert nfe[0.25] >= nfe[1.0] >= nfe[4.0] and nfe[4.0] < nfe[0.25], nfe
+    prompts, ans = copy_prompts  # a confident model: the right answer in one pass per block
+    cfg = SamplerConfig(gen_length=G, steps=G, block_length=4, commit="factor", factor=1.0, eos_early_stop="off")
+    out = sample(copier, prompts, cfg)
+    assert out.tokens.tolist() == ans.tolist() and out.nfe == G // 4
+
+
+# ----------------------------------------------------------------------------- credit decoding
+
+
+def _logits_top(token: int, v: int = 8, high: float = 4.0) -> torch.Tensor:
+    x = torch.zeros(v)
+    x[token] = high
+    return x
+
+
+def test_credit_accumulates_only_on_repeated_predictions():
+    """Position 0 predicts token 3 twice; position 1 predicts 4 then 6; position 2 is already committed."""
+    masked = torch.tensor([[True, True, False]])
+    step1 = torch.stack([_logits_top(3), _logits_top(4), _logits_top(5)])[None]
+    step2 = torch.stack([_logits_top(3), _logits_top(6), _logits_top(5)])[None]
+    p = torch.softmax(step1[0, 0], -1).max().item()
+    kw = dict(alpha=0.7, gamma=0.2, decay=0.8)
+    out1, credit = credit_boost(step1, masked, None, **kw)
+    assert credit[0, 0, 3] == pytest.approx(p**0.2) and credit[0, 2].abs().sum() == 0  # committed: no credit
+    out2, credit = credit_boost(step2, masked, credit, **kw)
+    assert credit[0, 0, 3] == pytest.approx(0.8 * p**0.2 + p**0.2)  # repeated: decayed credit plus new
+    assert credit[0, 1, 4] == pytest.approx(0.8 * p**0.2)  # predicted once: it only decays
+    assert credit[0, 1, 6] == pytest.approx(p**0.2)
+    assert (credit[0, 0, [0, 1, 2, 4, 5, 6, 7]] == 0).all()  # never top-1 there: never any credit
+    boost2 = out2 - step2
+    assert boost2[0, 0, 3] > boost2[0, 1, 6] > boost2[0, 1, 4] > 0  # twice > once now > once before
+    assert boost2[0, 2].abs().sum() == 0
+
+
+def test_credit_commits_earlier_on_a_model_that_repeats_itself(llada):
+    base = dict(gen_length=16, steps=16, block_length=8, commit="threshold", threshold=0.5, eos_early_stop="off")
+    plain = sample(llada, RULE_PROMPTS, SamplerConfig(**base))
+    credit = sample(llada, RULE_PROMPTS, SamplerConfig(**base, boost="credit", credit_alpha=2.0))
+    assert credit.nfe < plain.nfe
+    assert not (credit.tokens == MASK).any()
+
+
+# ----------------------------------------------------------------------------- adaptive blocks
+
+
+def _stats(tok, prob):
+    tok, prob = torch.tensor(tok), torch.tensor(prob)
+    return TokenStats(tok, prob, torch.zeros_like(prob), torch.zeros_like(prob))
+
+
+def test_adaptive_block_ends_after_the_most_confident_delimiter_else_the_default():
+    delims = torch.tensor([9])
+    kw = dict(lo=10, default_hi=14, limit=30, window=8, delimiter_ids=delims, threshold=0.5)
+    masked = torch.ones(1, 8, dtype=torch.bool)
+    # a delimiter at offset 5 with p = 0.9: the block is 6 long (longer than the default 4)
+    st = _stats([[1, 2, 3, 4, 5, 9, 6, 9]], [[0.9] * 5 + [0.9, 0.9, 0.6]])
+    assert block_end_adaptive(stats=st, masked=masked, **kw) == 16
+    # the delimiters are not confident (p < threshold): the default block
+    st = _stats([[1, 9, 3, 4, 5, 9, 6, 7]], [[0.9, 0.4, 0.9, 0.9, 0.9, 0.45, 0.9, 0.9]])
+    assert block_end_adaptive(stats=st, masked=masked, **kw) == 14
+    # the limit (a block-causal planner's training block) bounds it
+    st = _stats([[1, 2, 3, 4, 5, 9, 6, 7]], [[0.9] * 8])
+    assert block_end_adaptive(stats=st, masked=masked, **{**kw, "limit": 13}) == 13
+    # a batch ends at the earliest row's end: no row's block crosses its own boundary
+    st = _stats([[9, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 9, 7, 8]], [[0.8] * 8, [0.9] * 8])
+    assert block_end_adaptive(stats=st, masked=torch.ones(2, 8, dtype=torch.bool), **kw) == 11
+
+
+def _block_ends(model, prompts, cfg):
+    ends = []
+    out = sample(model, prompts, cfg, on_block=lambda d: ends.append(d.final) and None)
+    return out, ends
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.5, 1.0])
+def test_adaptive_blocks_never_cross_a_training_block_of_a_block_causal_planner(block_causal, threshold):
+    """block_causal (training blocks of 4): an adaptive block only ends early inside a training block. The
+    attention follows the sampler's blocks, so the prefix cache stays exact: cached and uncached runs agree."""
+    base = dict(gen_length=16, steps=16, block_length=4, commit="threshold", threshold=0.3, blocks="adaptive",
+                delimiter_ids=tuple(range(10, 40)), delimiter_threshold=threshold)  # fmt: skip
+    runs = {}
+    for cache in ("none", "prefix"):
+        out, ends = _block_ends(block_causal, RULE_PROMPTS, SamplerConfig(**base, cache=cache))
+        starts = [0, *ends[:-1]]
+        assert ends[-1] == 16 and all(b > a for a, b in zip(starts, ends, strict=True))
+        assert all(a // 4 == (b - 1) // 4 for a, b in zip(starts, ends, strict=True))  # inside one training block
+        runs[cache] = (out.tokens.tolist(), ends)
+    assert runs["none"] == runs["prefix"]
+    if threshold == 1.0:  # never confident enough: the fixed grid
+        assert runs["none"][1] == [4, 8, 12, 16]
+    if threshold == 0.05:  # confident delimiters somewhere: at least one training block was split
+        assert len(runs["none"][1]) > 4
+
+
+def test_adaptive_blocks_end_right_after_a_confident_delimiter(copier, copy_prompts):
+    """The copy model writes c1..cL then EOS: with EOS as the delimiter, the first block ends at the first EOS
+    the model is confident about, or the last position it looked at, and the answers do not change."""
+    prompts, ans = copy_prompts
+    cfg = SamplerConfig(
+        gen_length=G, steps=G, block_length=4, commit="threshold", threshold=0.9, blocks="adaptive",
+        delimiter_ids=(EOS,), delimiter_threshold=0.5, adaptive_window=G, eos_early_stop="off",
+    )  # fmt: skip
+    for p, a in zip(prompts, ans, strict=True):
+        out, ends = _block_ends(copier, [p], cfg)
+        assert out.tokens[0].tolist() == a.tolist()
+        assert out.tokens[0, ends[0] - 1] == EOS  # the first block ends on a delimiter ...
+        assert ends[0] != 4 or a[3] == EOS  # ... instead of the fixed grid's 4
+
+
+def test_adaptive_blocks_need_a_dynamic_rule_and_delimiters(llada):
+    with pytest.raises(ValueError, match="dynamic commit rule"):
+        SamplerConfig(blocks="adaptive", commit="static")
+    with pytest.raises(ValueError, match="delimiter token ids"):
+        sample(llada, [[5, 6]], SamplerConfig(gen_length=8, steps=8, block_length=4, commit="threshold",
+                                              blocks="adaptive"))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- end of text inside a block
+
+
+def test_stop_inside_fills_only_after_a_settled_stop():
+    block = torch.tensor([[4, 1, MASK, MASK], [MASK, 1, MASK, 5], [4, 5, 1, MASK]])
+    masked = block == MASK
+    fill = stop_inside(block, masked, torch.tensor([1]), torch.tensor([True, True, False]))
+    assert fill.tolist() == [
+        [False, False, True, True],  # stop at 1, everything before it final: the rest is EOS
+        [False, False, False, False],  # a mask before the stop: it may still change the answer
+        [False, False, False, False],  # the span before the block is not final yet
+    ]
+
+
+@pytest.mark.parametrize("commit", [dict(commit="static"), dict(commit="threshold", threshold=0.9)])
+def test_early_stop_inside_a_block_saves_passes_and_changes_no_token_before_the_stop(copier, copy_prompts, commit):
+    prompts, ans = copy_prompts
+    base = dict(gen_length=G, steps=G, block_length=G // 2, **commit)
+    runs = {m: sample(copier, prompts, SamplerConfig(**base, eos_early_stop=m)) for m in ("off", "all", "inside")}
+    assert runs["inside"].nfe < runs["all"].nfe <= runs["off"].nfe
+    for r in range(len(prompts)):
+        n = runs["off"].lengths[r]
+        assert runs["inside"].lengths[r] == n
+        assert runs["inside"].tokens[r, : n + 1].tolist() == runs["off"].tokens[r, : n + 1].tolist()
+        assert (runs["inside"].tokens[r, n:] == EOS).all()
+
+
+# ----------------------------------------------------------------------------- thresholds in their units
+
+
+def test_entropy_threshold_is_in_nats_and_commits_in_parallel(copier, copy_prompts):
+    prompts, ans = copy_prompts
+    base = dict(gen_length=G, steps=G, block_length=4, confidence="entropy", eos_early_stop="off")
+    static = sample(copier, prompts, SamplerConfig(**base))
+    nats = sample(copier, prompts, SamplerConfig(**base, commit="threshold", threshold=0.5))
+    assert nats.steps < static.steps / 2 and nats.tokens.tolist() == ans.tolist()
+    with pytest.raises(ValueError, match="nats"):
+        SamplerConfig(confidence="entropy", commit="threshold", threshold=-0.1)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        SamplerConfig(confidence="max_prob", commit="threshold", threshold=2.0)

@@ -244,3 +244,163 @@ def test_schedules_are_the_references_counts():
         assert int(k) == want
         n = n - k
     assert int(n) == 0
+
+
+# ----------------------------------------------------------------------------- Fast-dLLM's factor rule
+
+
+def fast_dllm_dynamic_transfer(logits, mask_index, x, factor):
+    """Fast-dLLM's `get_transfer_index_dynamic` (greedy, low_confidence), written out as upstream: per row,
+    thresholds 1 - f / (n + 1) over the sorted masked confidences, the first always passes, stop at the first
+    failure; `top_i == len - 1` (no failure, or only the last one failed) commits one more."""
+    x0 = logits.argmax(-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), dtype=torch.float64))
+    transfer = torch.zeros_like(x0, dtype=torch.bool)
+    n_masked = mask_index.sum(dim=1, keepdim=True)
+    for j in range(confidence.shape[0]):
+        ns = list(range(1, int(n_masked[j]) + 1))
+        threshs = [1 - factor / (n + 1) for n in ns]
+        threshs[0] = -1
+        sorted_conf = torch.sort(confidence[j][mask_index[j]], dim=-1, descending=True)[0]
+        top_i = 0
+        for top_i in range(len(threshs)):
+            if sorted_conf[top_i] < threshs[top_i]:
+                break
+        if top_i == 0 or top_i == len(threshs) - 1:
+            top_i += 1
+        _, idx = torch.topk(confidence[j], k=top_i)
+        transfer[j, idx] = True
+    return x0, transfer
+
+
+@torch.no_grad()
+def fast_dllm_factor_reference(model, prompt, *, gen_length, block_length, factor):
+    """Fast-dLLM `generate` (no cache) with the factor rule: per block, decode until no mask is left."""
+    p_len = prompt.shape[1]
+    x = torch.full((1, p_len + gen_length), MASK, dtype=torch.long)
+    x[:, :p_len] = prompt
+    nfe = 0
+    for nb in range(gen_length // block_length):
+        s, e = p_len + nb * block_length, p_len + (nb + 1) * block_length
+        while (x[:, s:e] == MASK).any():
+            nfe += 1
+            mask_index = x == MASK
+            mask_index[:, e:] = False
+            logits = model(x)
+            logits[..., MASK] = float("-inf")  # documented difference: the mask id is never a candidate
+            x0, transfer = fast_dllm_dynamic_transfer(logits, mask_index, x, factor)
+            x[transfer] = x0[transfer]
+    return x[:, p_len:], nfe
+
+
+def test_factor_commit_matches_fast_dllm_transfer_on_random_confidences():
+    """The vectorised rule against the per-row upstream loop, on random blocks: every mask count (1 included,
+    where the upstream `top_i` special case applies) and factors from strict to loose."""
+    from planners.strategies import CommitInputs, commit_factor
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        b, w = 3, int(torch.randint(1, 17, (1,), generator=g))
+        factor = [0.25, 0.5, 1.0, 2.0, 4.0][trial % 5]
+        logits = torch.randn(b, w, 16, generator=g) * float(torch.rand(1, generator=g) * 8)
+        masked = torch.rand(b, w, generator=g) < 0.7
+        masked[:, 0] |= ~masked.any(-1)  # every row has a mask
+        x = torch.zeros(b, w, dtype=torch.long)
+        _, ref = fast_dllm_dynamic_transfer(logits, masked, x, factor)
+        conf = torch.softmax(logits.double(), -1).max(-1).values
+        score = torch.where(masked, conf, float("-inf"))
+        ours = commit_factor(CommitInputs(score, conf, conf, masked, None, 0.9, 0.1, factor))
+        assert ours.tolist() == ref.tolist(), (trial, factor, w)
+
+
+@pytest.mark.parametrize("factor,block_length", [(1.0, 8), (3.0, 8), (2.0, 32)])
+def test_factor_rule_matches_fast_dllm_generate(llada, factor, block_length):
+    prompt = _prompt(7, seed=5)
+    ref, ref_nfe = fast_dllm_factor_reference(llada, prompt, gen_length=32, block_length=block_length, factor=factor)
+    cfg = SamplerConfig(
+        gen_length=32, steps=32, block_length=block_length, commit="factor", factor=factor, precision="float64",
+        eos_early_stop="off",
+    )  # fmt: skip
+    x = torch.cat([prompt, torch.full((1, 32), MASK)], 1)
+    out = denoise(llada, x, gen_start=7, config=cfg)
+    assert out.tokens.tolist() == ref.tolist()
+    assert out.nfe == ref_nfe
+
+
+# ----------------------------------------------------------------------------- dInfer's credit decoding
+
+
+class DInferCreditDecoder:
+    """dInfer's `CreditThresholdParallelDecoder` (greedy, float32), written out: per block an EMA credit
+    matrix (B, L, V): decay by beta after the first iteration, add p_top1^gamma at the top-1 token of masked
+    positions; decide on logits + alpha log(credit + 1) with the threshold rule of `get_transfer_index_threshold`
+    (commit confidence >= min(max confidence - 1e-5, threshold))."""
+
+    def __init__(self, threshold, alpha=0.7, gamma=0.2, beta=0.8):
+        self.threshold, self.alpha, self.gamma, self.beta = threshold, alpha, gamma, beta
+        self.mats, self.iters = {}, {}
+
+    def decode(self, logits, s, e, x):
+        mask_index = x[:, s:e] == MASK
+        key = (s, e)
+        b, length, v = logits.shape
+        if key not in self.mats:
+            self.mats[key], self.iters[key] = torch.zeros((b, length, v), dtype=torch.float32), 0
+        mat = self.mats[key]
+        if self.iters[key] > 0:
+            mat.mul_(self.beta)
+        probs = F.softmax(logits.to(torch.float32), dim=-1)
+        top1_p, top1_i = probs.max(-1)
+        mat.scatter_add_(2, top1_i.unsqueeze(-1), (top1_p.pow(self.gamma) * mask_index).unsqueeze(-1))
+        fused = logits + self.alpha * torch.log(mat + 1)
+        self.iters[key] += 1
+        x0 = fused.argmax(-1)
+        p = F.softmax(fused.to(torch.float32), dim=-1)
+        x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+        curr = x[:, s:e]
+        x0 = torch.where(mask_index, x0, curr)
+        confidence = torch.where(mask_index, x0_p, float("-inf"))
+        actual = (confidence.max(dim=1)[0] - 1e-5).clamp(-1000, self.threshold).unsqueeze(-1)
+        transfer = (confidence >= actual) & mask_index
+        x[:, s:e] = torch.where(transfer, x0, curr)
+
+
+@torch.no_grad()
+def dinfer_credit_reference(model, prompt, *, gen_length, block_length, threshold, **credit):
+    """dInfer's block-wise decoding (no cache): per block, forward the whole sequence and decode the block's
+    logits until it has no mask."""
+    p_len = prompt.shape[1]
+    x = torch.full((1, p_len + gen_length), MASK, dtype=torch.long)
+    x[:, :p_len] = prompt
+    dec, nfe = DInferCreditDecoder(threshold, **credit), 0
+    for nb in range(gen_length // block_length):
+        s, e = p_len + nb * block_length, p_len + (nb + 1) * block_length
+        while (x[:, s:e] == MASK).any():
+            nfe += 1
+            logits = model(x)
+            logits[..., MASK] = float("-inf")  # documented difference: the mask id is never a candidate
+            dec.decode(logits[:, s:e], s, e, x)
+    return x[:, p_len:], nfe
+
+
+@pytest.mark.parametrize(
+    "threshold,credit",
+    [(0.9, {}), (0.3, {}), (0.5, dict(alpha=2.0, gamma=0.5, beta=0.5))],
+)
+def test_credit_decoding_matches_dinfer(llada, threshold, credit):
+    prompt = _prompt(7, seed=9)
+    ref, ref_nfe = dinfer_credit_reference(llada, prompt, gen_length=32, block_length=8, threshold=threshold, **credit)
+    names = {"alpha": "credit_alpha", "gamma": "credit_gamma", "beta": "credit_decay"}
+    cfg = SamplerConfig(
+        gen_length=32, steps=32, block_length=8, commit="threshold", threshold=threshold, boost="credit",
+        eos_early_stop="off", **{names[k]: v for k, v in credit.items()},
+    )  # fmt: skip
+    x = torch.cat([prompt, torch.full((1, 32), MASK)], 1)
+    out = denoise(llada, x, gen_start=7, config=cfg)
+    assert out.tokens.tolist() == ref.tolist()
+    assert out.nfe == ref_nfe
+    plain = denoise(llada, x, gen_start=7, config=SamplerConfig(**{**cfg.to_dict(), "boost": "none"}))
+    assert plain.nfe >= out.nfe  # credit only ever adds confidence to tokens already predicted
