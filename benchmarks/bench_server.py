@@ -4,6 +4,7 @@
     python -m benchmarks.bench_server --start "--gen-length 16 --steps 16"       # start one (args to serve)
     python -m benchmarks.bench_server -n 32 --max-tokens 32 --modes hybrid,ar
     python -m benchmarks.bench_server --start "" -n 1,8,32 --modes ar,hybrid    # single stream, 8 and 32 clients
+    python -m benchmarks.bench_server --start "--mode ar --load-modes ar" -n 1,8,32 --modes ar --weights q4_1,q8_0
 
 Every mode gets one untimed warm-up request, then N clients start together, each streaming one chat
 completion (distinct prompts, greedy); `-n` may list several N, run in order per mode. With N = 1 in the list,
@@ -12,7 +13,10 @@ every burst of that mode also reports its aggregate content tokens/s as a ratio 
 carrying the plan arrived; the server's own plan_ms beside it), TTFT (first chunk with non-empty content, as
 `vllm bench serve`), total time; then p50 / p99 over the requests, throughput (requests/s and content
 tokens/s over the wall time of the whole burst) and errors. `ar` (the realizer alone) is the baseline measured
-in the same run. With N < 100, p99 is the slowest request. Prints a table; JSON on the last line.
+in the same run. With N < 100, p99 is the slowest request. `--weights a,b` (with --start) starts one server per
+embedded realizer weight type (`--set realizer.weights=a`), all at once, and runs every burst on each in turn (the
+order rotating), so the types are compared under the same neighbours' load. Each burst records the 1-minute load
+average before and after it. Prints a table; JSON on the last line.
 """
 
 from __future__ import annotations
@@ -149,47 +153,72 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--clients", default="32", help="concurrent clients; a comma list runs each in turn")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--modes", default="hybrid,ar", help="comma list; ar is the baseline")
+    p.add_argument("--weights", default="", help="with --start: one server per realizer.weights type (comma list)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a client waits")
     p.add_argument("--log", type=Path, default=Path("bench_server.log"), help="server log with --start")
     a = p.parse_args(argv)
-    proc, url = None, a.url.rstrip("/")
+    weights = [w.strip() for w in a.weights.split(",") if w.strip()]
+    if weights and a.start is None:
+        raise SystemExit("bench_server: --weights needs --start (one server per weight type)")
+    procs: list[object] = []
+    targets: list[tuple[str, str]] = []  # (weights label, base URL)
     if a.start is not None:
-        proc, url = start_server(a.start, a.log)
+        for w in weights or [""]:
+            serve = f"{a.start} --set realizer.weights={w}" if w else a.start
+            proc, url = start_server(serve, a.log.with_name(f"{a.log.stem}.{w}{a.log.suffix}") if w else a.log)
+            procs.append(proc)
+            targets.append((w, url))
+    else:
+        targets.append(("", a.url.rstrip("/")))
     clients = [int(n) for n in str(a.clients).split(",") if n.strip()]
+    load_start = os.getloadavg()[0]
     try:
         results = []
-        for mode, n in [(m.strip(), n) for m in a.modes.split(",") if m.strip() for n in clients]:
-            r = asyncio.run(burst(url, a.api_key, mode, n, a.max_tokens, a.timeout))
-            single = next((x for x in results if x["mode"] == mode and x["clients"] == 1), None)
-            if single and single["content_tokens_per_s"]:
-                r["ratio_vs_single"] = round(r["content_tokens_per_s"] / single["content_tokens_per_s"], 2)
-            results.append(r)
-            print(
-                f"{mode:9s} {r['completed']:3d}/{r['clients']} ok, {r['errors']} errors | "
-                f"plan p50 {r['plan_ms']['p50']} p99 {r['plan_ms']['p99']} ms | "
-                f"TTFT p50 {r['ttft_ms']['p50']} p99 {r['ttft_ms']['p99']} ms | "
-                f"total p50 {r['total_ms']['p50']} p99 {r['total_ms']['p99']} ms | "
-                f"{r['requests_per_s']} req/s, {r['content_tokens_per_s']} tok/s (wall {r['wall_s']} s)"
-                + (f" | x{r['ratio_vs_single']} single" if "ratio_vs_single" in r else ""),
-                flush=True,
-            )
-        metrics = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).json()
+        runs = [(m.strip(), n) for m in a.modes.split(",") if m.strip() for n in clients]
+        for k, (mode, n) in enumerate(runs):
+            for w, url in targets[k % len(targets) :] + targets[: k % len(targets)]:
+                before = os.getloadavg()[0]
+                r = asyncio.run(burst(url, a.api_key, mode, n, a.max_tokens, a.timeout))
+                r["weights"] = w or None
+                r["loadavg_1m_before_after"] = [round(before, 2), round(os.getloadavg()[0], 2)]
+                single = next(
+                    (x for x in results if (x["mode"], x["clients"], x["weights"]) == (mode, 1, r["weights"])), None
+                )
+                if single and single["content_tokens_per_s"]:
+                    r["ratio_vs_single"] = round(r["content_tokens_per_s"] / single["content_tokens_per_s"], 2)
+                results.append(r)
+                print(
+                    (f"[{w}] " if w else "")
+                    + f"{mode:9s} {r['completed']:3d}/{r['clients']} ok, {r['errors']} errors | "
+                    f"plan p50 {r['plan_ms']['p50']} p99 {r['plan_ms']['p99']} ms | "
+                    f"TTFT p50 {r['ttft_ms']['p50']} p99 {r['ttft_ms']['p99']} ms | "
+                    f"total p50 {r['total_ms']['p50']} p99 {r['total_ms']['p99']} ms | "
+                    f"{r['requests_per_s']} req/s, {r['content_tokens_per_s']} tok/s (wall {r['wall_s']} s)"
+                    + (f" | x{r['ratio_vs_single']} single" if "ratio_vs_single" in r else "")
+                    + f" | load {r['loadavg_1m_before_after'][0]}-{r['loadavg_1m_before_after'][1]}",
+                    flush=True,
+                )
+        metrics = {
+            w or "server": httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).json() for w, url in targets
+        }
     finally:
-        if proc is not None:
-            from realizers.server import terminate
+        from realizers.server import terminate
 
+        for proc in procs:
             terminate(proc)
     print(
         json.dumps(
             {
                 "bench": "server",
-                "url": url,
+                "url": targets[0][1] if len(targets) == 1 else [url for _, url in targets],
                 "serve_args": a.start,
+                "weights": weights or None,
                 "clients": clients,
                 "max_tokens": a.max_tokens,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
                 "results": results,
-                "server_metrics": metrics,
+                "server_metrics": metrics if len(targets) > 1 else next(iter(metrics.values())),
             }
         )
     )

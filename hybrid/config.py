@@ -325,6 +325,20 @@ class RealizerSettings(_Section):
     max_seqs: int = Field(
         32, ge=1, le=256, description="embedded llama.cpp: requests decoded together (KV cache: max_seqs x 2048 cells)"
     )
+    weights: Literal["auto", "q4_1", "q8_0", "q4_0"] = Field(
+        "auto",
+        description="embedded llama.cpp: weight type the realizer runs; a type the GGUF does not have is converted "
+        "once by llama.cpp's quantiser into the cache directory. auto = q8_0 for the packaged SmolLM2 (its Q4_1 "
+        "file converted: half the TTFT, faster batches, same accuracy; q4_0 is faster still but less accurate: "
+        "benchmarks/README.md, 'Server'), a GGUF of your own (realizer.model) as it is",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="embedded llama.cpp: CPU threads for decoding and prompts; None = half the cores (1 on a "
+        "2-core machine, where 2 threads against any busy neighbour are several times slower)",
+    )
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     model: str | None = Field(None, description="served model name (openai) or a local model path (embedded)")
     api_key: str = "EMPTY"

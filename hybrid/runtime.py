@@ -87,11 +87,18 @@ def build_realizer(cfg: HybridConfig, progress: Progress = lambda _m: None):
         )
     from realizers.embedded import embedded_realizer
 
-    progress(f"loading realizer (embedded SmolLM2-135M-Instruct, {r.backend}) ...")
+    weights = f", weights {r.weights}" if r.backend == "llama_cpp" else ""
+    progress(f"loading realizer (embedded SmolLM2-135M-Instruct, {r.backend}{weights}) ...")
     try:
         kwargs = {"gguf_path": r.model} if r.model else {}
         if r.backend == "llama_cpp":
-            kwargs.update(extra_bufts=r.extra_bufts, max_seqs=r.max_seqs)
+            kwargs.update(
+                extra_bufts=r.extra_bufts,
+                max_seqs=r.max_seqs,
+                weights=r.weights,
+                n_threads=r.threads,
+                progress=progress,
+            )
         return embedded_realizer(r.backend, params=params, **kwargs)
     except RealizerError as e:
         raise SetupError(f"realizer: {e}") from None

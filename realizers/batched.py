@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class BatchedEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (each one `llama_decode`), for benchmarks and tests
+        self.decode_s = 0.0  # seconds spent inside `llama_decode`, for benchmarks (the rest is Python and waiting)
 
     # ------------------------------------------------------------------ public
 
@@ -304,7 +306,9 @@ class BatchedEngine:
             if s.fed == len(s.prompt):
                 rows.append((s, n - 1))
         b.n_tokens = n
+        t0 = time.perf_counter()
         rc = ll.llama_decode(self.ctx, b)
+        self.decode_s += time.perf_counter() - t0
         self.steps += 1
         if rc != 0:
             err = RealizerError(f"llama_decode returned {rc} on a batch of {n} tokens", where=str(self.path))

