@@ -175,9 +175,9 @@ class PlannerSettings(_Section):
     remask_threshold: float = Field(0.1, description="remask: committed tokens below this probability")
     remask_fraction: float = Field(0.1, description="remask: at most this fraction of the block per step")
     eos_early_stop: str = Field(
-        "all",
+        "inside",
         description="end the span early: off | all (a block of stop ids) | any (a block with one) | inside (a final "
-        "stop id, mid-block)",
+        "stop id, mid-block: the default, same tokens and fewer passes, benchmarks/README.md 'Decoding rules')",
     )
     cache: str = Field("prefix", description="KV cache: none | prefix | dual (Fast-dLLM)")
     precision: str = Field("float32", description="token statistics: float32 | float64 (LLaDA's reference)")

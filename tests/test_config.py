@@ -93,7 +93,7 @@ def _planner_values() -> dict:
         "remask": "low_confidence",
         "remask_threshold": 0.2,
         "remask_fraction": 0.25,
-        "eos_early_stop": "inside",
+        "eos_early_stop": "any",
         "cache": "dual",
         "precision": "float64",
         "seed": 7,
@@ -140,13 +140,13 @@ def test_all_new_rules_together_from_a_yaml_file(tmp_path):
         "  commit: factor\n  factor: 2.5\n  confidence: margin\n"
         "  boost: credit\n  credit_alpha: 0.5\n  credit_decay: 0.9\n"
         "  blocks: adaptive\n  delimiter_threshold: 0.5\n  adaptive_window: 16\n  delimiter_ids: [13, 198]\n"
-        "  eos_early_stop: inside\n  remask: low_confidence\n  precision: float64\n  schedule: dream\n"
+        "  eos_early_stop: any\n  remask: low_confidence\n  precision: float64\n  schedule: dream\n"
     )
     s = sampler_config(HybridConfig.load(f))
     assert (s.commit, s.factor, s.confidence) == ("factor", 2.5, "margin")
     assert (s.boost, s.credit_alpha, s.credit_decay) == ("credit", 0.5, 0.9)
     assert (s.blocks, s.delimiter_threshold, s.adaptive_window, s.delimiter_ids) == ("adaptive", 0.5, 16, (13, 198))
-    assert (s.eos_early_stop, s.remask, s.precision, s.schedule) == ("inside", "low_confidence", "float64", "dream")
+    assert (s.eos_early_stop, s.remask, s.precision, s.schedule) == ("any", "low_confidence", "float64", "dream")
     # the product defaults stay
     assert (s.cache, s.gen_length, s.steps, s.block_length, s.seed) == ("prefix", 48, 48, 8, 0)
     d = sampler_config(HybridConfig.load(f), "diffusion")  # diffusion mode: same rules, the answer's length

@@ -28,12 +28,12 @@ def _cfg(*argv: str, command: str = "run") -> HybridConfig:
 def test_rule_flags(command):
     cfg = _cfg(
         "--commit", "factor", "--confidence", "margin", "--factor", "2.5", "--boost", "credit",
-        "--blocks", "adaptive", "--eos-early-stop", "inside", "--cache", "dual", "--remask", "low_confidence",
+        "--blocks", "adaptive", "--eos-early-stop", "any", "--cache", "dual", "--remask", "low_confidence",
         "--planner-temperature", "0.3", command=command,
     )  # fmt: skip
     s = sampler_config(cfg)
     assert (s.commit, s.confidence, s.factor, s.boost, s.blocks) == ("factor", "margin", 2.5, "credit", "adaptive")
-    assert (s.eos_early_stop, s.cache, s.remask, s.temperature) == ("inside", "dual", "low_confidence", 0.3)
+    assert (s.eos_early_stop, s.cache, s.remask, s.temperature) == ("any", "dual", "low_confidence", 0.3)
     assert _cfg("--strategy", "threshold", command=command).planner.commit == "threshold"  # the old spelling
 
 
