@@ -89,31 +89,6 @@ def rule_config(base, overrides: dict[str, Any]):
     return dataclasses.replace(base, steps=steps, **o)
 
 
-class PassCounter:
-    """Keeps the last `SampleOutput` of the sampler as `Planner.plan` calls it (module-level `denoise` of
-    `planners.planner`, wrapped in place: same call, same result), for the tokens its passes committed."""
-
-    def __init__(self) -> None:
-        import planners.planner as pp
-
-        self.last = None
-        self._orig = pp.denoise
-
-        def wrapped(*args, **kwargs):
-            self.last = self._orig(*args, **kwargs)
-            return self.last
-
-        pp.denoise = wrapped
-
-    def committed(self) -> int:
-        return int(self.last.tokens_per_step.sum())
-
-    def close(self) -> None:
-        import planners.planner as pp
-
-        pp.denoise = self._orig
-
-
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -123,11 +98,11 @@ def _rotated(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def run_one(planner, counter: PassCounter, messages, cfg) -> dict[str, Any]:
+def run_one(planner, messages, cfg) -> dict[str, Any]:
     r = planner.plan(messages, config=cfg)
     nfe = int(r.stats["nfe"])
     return {"tokens": r.tokens, "text": r.text, "prompt_ids": r.prompt_ids, "nfe": nfe,
-            "committed": counter.committed(), "seconds": r.stats["seconds"]}  # fmt: skip
+            "committed": int(r.stats["committed"]), "seconds": r.stats["seconds"]}  # fmt: skip
 
 
 def summarize(rules: list[str], plans: dict, answers: dict, tasks, prompt_ids, scorer, embed, refs) -> list[dict]:
@@ -232,44 +207,40 @@ def main(argv=None) -> dict:
     live = [r for r in rules if r in cfgs]
     prompts = pick_prompts(n_prompts, 0, a.seed)
     tasks = subsample(factual_tasks(), n_tasks, a.seed)
-    counter = PassCounter()
-    try:
-        for name in live:  # warm-up, untimed: one short answer per rule (engine buffers, policy weights)
-            try:
-                run_one(planner, counter, hp.answer_messages("Say hello."), cfgs[name]["answer"])
-            except Exception as e:  # noqa: BLE001 - a rule that fails is reported, the others still run
-                plans[name] = answers[name] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"  {name}: {plans[name]['error']}", flush=True)
-        live = [r for r in live if "items" in plans[r]]
+    for name in live:  # warm-up, untimed: one short answer per rule (engine buffers, policy weights)
+        try:
+            run_one(planner, hp.answer_messages("Say hello."), cfgs[name]["answer"])
+        except Exception as e:  # noqa: BLE001 - a rule that fails is reported, the others still run
+            plans[name] = answers[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  {name}: {plans[name]['error']}", flush=True)
+    live = [r for r in live if "items" in plans[r]]
 
-        # ---- plans: speed and quality, rules rotated per prompt
-        loads: dict[str, list[float]] = {"plans": [_load()]}
-        t0 = time.perf_counter()
-        prompt_ids: list[list[int]] = []
-        for i, p in enumerate(prompts):
-            for name in _rotated(live, i):
-                r = run_one(planner, counter, hp.plan_messages(p.text), cfgs[name]["plan"])
-                plans[name]["items"].append({k: r[k] for k in ("tokens", "text", "nfe", "committed", "seconds")})
-                if name == BASELINE:
-                    prompt_ids.append(r["prompt_ids"])
-            print(f"  prompt {i + 1}/{len(prompts)}  load {_load()}", flush=True)
-        plans_s = time.perf_counter() - t0
-        loads["plans"].append(_load())
+    # ---- plans: speed and quality, rules rotated per prompt
+    loads: dict[str, list[float]] = {"plans": [_load()]}
+    t0 = time.perf_counter()
+    prompt_ids: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        for name in _rotated(live, i):
+            r = run_one(planner, hp.plan_messages(p.text), cfgs[name]["plan"])
+            plans[name]["items"].append({k: r[k] for k in ("tokens", "text", "nfe", "committed", "seconds")})
+            if name == BASELINE:
+                prompt_ids.append(r["prompt_ids"])
+        print(f"  prompt {i + 1}/{len(prompts)}  load {_load()}", flush=True)
+    plans_s = time.perf_counter() - t0
+    loads["plans"].append(_load())
 
-        # ---- answers in diffusion mode: accuracy, rules rotated per task
-        loads["tasks"] = [_load()]
-        t0 = time.perf_counter()
-        for i, t in enumerate(tasks):
-            for name in _rotated(live, i):
-                r = run_one(planner, counter, hp.answer_messages(t.question), cfgs[name]["answer"])
-                ok = bool(check_answer(t, r["text"]))
-                answers[name]["items"].append({"id": t.id, "text": r["text"], "correct": ok, "nfe": r["nfe"],
-                                               "committed": r["committed"], "seconds": r["seconds"]})  # fmt: skip
-            print(f"  task {i + 1}/{len(tasks)}  load {_load()}", flush=True)
-        tasks_s = time.perf_counter() - t0
-        loads["tasks"].append(_load())
-    finally:
-        counter.close()
+    # ---- answers in diffusion mode: accuracy, rules rotated per task
+    loads["tasks"] = [_load()]
+    t0 = time.perf_counter()
+    for i, t in enumerate(tasks):
+        for name in _rotated(live, i):
+            r = run_one(planner, hp.answer_messages(t.question), cfgs[name]["answer"])
+            ok = bool(check_answer(t, r["text"]))
+            answers[name]["items"].append({"id": t.id, "text": r["text"], "correct": ok, "nfe": r["nfe"],
+                                           "committed": r["committed"], "seconds": r["seconds"]})  # fmt: skip
+        print(f"  task {i + 1}/{len(tasks)}  load {_load()}", flush=True)
+    tasks_s = time.perf_counter() - t0
+    loads["tasks"].append(_load())
 
     # ---- quality (untimed): the untouched AR model scores the plans; MiniLM against the AR model's own plans
     t0 = time.perf_counter()

