@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kernels.sampling_stats import TokenStats
 from planners.model import DiffusionBackbone, KVCache, attention_mask, position_ids_from_valid
 from planners.recorder import StepClock, StepRecorder
 from planners.strategies import (
@@ -480,6 +481,7 @@ def denoise(
             logits = _forward(run, x, win, lo)
             if cache is not None and i == 0:
                 fresh = lo  # this refresh recomputed [fresh, lo) from final tokens
+            look = None
             if sized and i == 0:  # AdaBlock: the block ends after a confident delimiter (one host read)
                 ahead = _aligned(logits, win.start, lo, hi, shift)
                 look = stats_fn(ahead, exclude_ids=run.exclude)
@@ -497,7 +499,10 @@ def denoise(
             u = None
             if cfg.temperature > 0:  # LLaDA: uniform noise in float64 (arXiv 2409.02908)
                 u = torch.rand(preds.shape, generator=generator, device=dev, dtype=torch.float64)
-            st = stats_fn(preds, temperature=cfg.temperature, u=u, exclude_ids=run.exclude)
+            if look is not None and boost is None and u is None:  # the lookahead's statistics cover the block
+                st = TokenStats(*(f[:, : hi - lo] for f in look))
+            else:
+                st = stats_fn(preds, temperature=cfg.temperature, u=u, exclude_ids=run.exclude)
             conf = conf_fn(st, generator)
             if i == spb - 1:
                 commit = blk_masked  # a block's last step leaves no mask behind
