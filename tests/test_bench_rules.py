@@ -34,7 +34,7 @@ def test_rule_table_builds_configs():
 
 
 @pytest.mark.slow
-def test_smoke_runs_and_reports(capsys):
+def test_smoke_runs_and_reports(capsys, llama_cpp_safe):  # llama.cpp decodes in-process: probe first
     res = br.main(["--smoke", "--no-cosine"])
     assert res["prompts"] == 2 and res["tasks"] == 2
     assert [r["rule"] for r in res["rows"]] == br.SMOKE_RULES
