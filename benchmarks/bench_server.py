@@ -5,9 +5,10 @@
     python -m benchmarks.bench_server -n 32 --max-tokens 32 --modes hybrid,ar
     python -m benchmarks.bench_server --start "" -n 1,8,32 --modes ar,hybrid    # single stream, 8 and 32 clients
     python -m benchmarks.bench_server --start "--mode ar --load-modes ar" -n 1,8,32 --modes ar --weights q4_1,q8_0
+    python -m benchmarks.bench_server --start "--mode ar --load-modes ar" -n 1,8,32 --modes ar --prefix-cache on,off
 
 Every mode gets one untimed warm-up request, then N clients start together, each streaming one chat
-completion (distinct prompts, greedy); `-n` may list several N, run in order per mode. With N = 1 in the list,
+completion (distinct held-out questions, none repeated in a run, greedy); `-n` may list several N, run in order per mode. With N = 1 in the list,
 every burst of that mode also reports its aggregate content tokens/s as a ratio to that single stream
 (`ratio_vs_single`), measured in the same run. Per request, from the moment it is sent: plan latency (the chunk
 carrying the plan arrived; the server's own plan_ms beside it), TTFT (first chunk with non-empty content, as
@@ -15,7 +16,8 @@ carrying the plan arrived; the server's own plan_ms beside it), TTFT (first chun
 tokens/s over the wall time of the whole burst) and errors. `ar` (the realizer alone) is the baseline measured
 in the same run. With N < 100, p99 is the slowest request. `--weights a,b` (with --start) starts one server per
 embedded realizer weight type (`--set realizer.weights=a`), all at once, and runs every burst on each in turn (the
-order rotating), so the types are compared under the same neighbours' load. Each burst records the 1-minute load
+order rotating), so the types are compared under the same neighbours' load; `--prefix-cache on,off` likewise
+compares `realizer.prefix_cache` (one server per weight type and setting). Each burst records the 1-minute load
 average before and after it. Prints a table; JSON on the last line.
 """
 
@@ -35,16 +37,13 @@ from pathlib import Path
 
 import httpx
 
-QUESTIONS = [
-    "How do I make a cup of tea?",
-    "Explain how a bicycle works.",
-    "What causes the seasons on Earth?",
-    "Give me three tips for learning a new language.",
-    "How does a refrigerator keep food cold?",
-    "Why is the sky blue?",
-    "How do I plant a tomato seedling?",
-    "What should I pack for a weekend hike?",
-]
+def questions() -> list[str]:
+    """Distinct open questions (the held-out free-text prompts of `planners.adapt.data.make_prompts`): every request
+    of a run gets its own, so a prefix cache shares only what real clients share (the chat template and system
+    turn), never a whole question."""
+    from planners.adapt.data import make_prompts
+
+    return [p.text for p in make_prompts(0)["heldout"] if p.kind != "arithmetic"]
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -86,7 +85,9 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict, payload: dict)
     return out
 
 
-async def burst(url: str, api_key: str | None, mode: str, n: int, max_tokens: int, timeout_s: float) -> dict:
+async def burst(
+    url: str, api_key: str | None, mode: str, n: int, max_tokens: int, timeout_s: float, prompts: list[str]
+) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=n + 1, max_keepalive_connections=n + 1)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
@@ -105,7 +106,7 @@ async def burst(url: str, api_key: str | None, mode: str, n: int, max_tokens: in
             raise SystemExit(f"bench_server: warm-up request ({mode}) failed: {warm['error']}")
         t0 = time.perf_counter()
         runs = await asyncio.gather(
-            *(one(client, url, headers, payload(f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})")) for i in range(n))
+            *(one(client, url, headers, payload(prompts[i % len(prompts)])) for i in range(n))
         )
         wall = time.perf_counter() - t0
     ok = [r for r in runs if not r["error"]]
@@ -154,20 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--modes", default="hybrid,ar", help="comma list; ar is the baseline")
     p.add_argument("--weights", default="", help="with --start: one server per realizer.weights type (comma list)")
+    p.add_argument(
+        "--prefix-cache", default="", help="with --start: one server per realizer.prefix_cache setting (on,off)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a client waits")
     p.add_argument("--log", type=Path, default=Path("bench_server.log"), help="server log with --start")
     a = p.parse_args(argv)
     weights = [w.strip() for w in a.weights.split(",") if w.strip()]
-    if weights and a.start is None:
-        raise SystemExit("bench_server: --weights needs --start (one server per weight type)")
+    caching = [c.strip() for c in a.prefix_cache.split(",") if c.strip()]
+    if (weights or caching) and a.start is None:
+        raise SystemExit("bench_server: --weights and --prefix-cache need --start (one server per setting)")
+    if any(c not in ("on", "off") for c in caching):
+        raise SystemExit(f"bench_server: --prefix-cache takes on and/or off, got {a.prefix_cache!r}")
     procs: list[object] = []
-    targets: list[tuple[str, str]] = []  # (weights label, base URL)
+    targets: list[tuple[str, str]] = []  # (label: weights and prefix-cache setting, base URL)
+    settings: dict[str, tuple[str, str]] = {"": ("", "")}  # label -> (weights, prefix-cache setting)
     if a.start is not None:
         for w in weights or [""]:
-            serve = f"{a.start} --set realizer.weights={w}" if w else a.start
-            proc, url = start_server(serve, a.log.with_name(f"{a.log.stem}.{w}{a.log.suffix}") if w else a.log)
-            procs.append(proc)
-            targets.append((w, url))
+            for c in caching or [""]:
+                serve = a.start + (f" --set realizer.weights={w}" if w else "")
+                serve += f" --set realizer.prefix_cache={'true' if c == 'on' else 'false'}" if c else ""
+                label = "/".join(x for x in (w, f"prefix_cache={c}" if c else "") if x)
+                log = a.log.with_name(f"{a.log.stem}.{label.replace('/', '.')}{a.log.suffix}") if label else a.log
+                proc, url = start_server(serve, log)
+                procs.append(proc)
+                targets.append((label, url))
+                settings[label] = (w, c)
     else:
         targets.append(("", a.url.rstrip("/")))
     clients = [int(n) for n in str(a.clients).split(",") if n.strip()]
@@ -175,14 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = []
         runs = [(m.strip(), n) for m in a.modes.split(",") if m.strip() for n in clients]
+        pool = questions()
         for k, (mode, n) in enumerate(runs):
+            first = sum(m for _, m in runs[:k])  # each burst its own questions; every server the same ones
+            prompts = [pool[(first + i) % len(pool)] for i in range(n)]
             for w, url in targets[k % len(targets) :] + targets[: k % len(targets)]:
                 before = os.getloadavg()[0]
-                r = asyncio.run(burst(url, a.api_key, mode, n, a.max_tokens, a.timeout))
-                r["weights"] = w or None
+                r = asyncio.run(burst(url, a.api_key, mode, n, a.max_tokens, a.timeout, prompts))
+                r["server"] = w or None
+                r["weights"], r["prefix_cache"] = (x or None for x in settings[w])
                 r["loadavg_1m_before_after"] = [round(before, 2), round(os.getloadavg()[0], 2)]
                 single = next(
-                    (x for x in results if (x["mode"], x["clients"], x["weights"]) == (mode, 1, r["weights"])), None
+                    (x for x in results if (x["mode"], x["clients"], x["server"]) == (mode, 1, r["server"])), None
                 )
                 if single and single["content_tokens_per_s"]:
                     r["ratio_vs_single"] = round(r["content_tokens_per_s"] / single["content_tokens_per_s"], 2)
@@ -213,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 "url": targets[0][1] if len(targets) == 1 else [url for _, url in targets],
                 "serve_args": a.start,
                 "weights": weights or None,
+                "prefix_cache": caching or None,
                 "clients": clients,
                 "max_tokens": a.max_tokens,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -325,6 +325,11 @@ class RealizerSettings(_Section):
     max_seqs: int = Field(
         32, ge=1, le=256, description="embedded llama.cpp: requests decoded together (KV cache: max_seqs x 2048 cells)"
     )
+    prefix_cache: bool = Field(
+        True,
+        description="embedded llama.cpp: reuse the KV cells of prompt prefixes shared with earlier or running "
+        "requests (the chat template and system turn) instead of prefilling them again; same output",
+    )
     weights: Literal["auto", "q4_1", "q8_0", "q4_0"] = Field(
         "auto",
         description="embedded llama.cpp: weight type the realizer runs; a type the GGUF does not have is converted "

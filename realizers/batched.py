@@ -10,9 +10,30 @@ al., OSDI 2022). Each step builds one `llama_batch`:
 
 then one `llama_decode`, then every sequence whose last token carried logits samples its next token with its own
 llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, seeded draw; greedy at temperature 0) and hands
-it to its consumer. A sequence that ends (EOS, `max_tokens`, its context) or is cancelled by its consumer leaves the
-KV cache (`llama_memory_seq_rm`) before the next step, and its sequence id goes back to the pool; a request waits
-only for a free sequence id.
+it to its consumer. A sequence that ends (EOS, `max_tokens`, its context) or is cancelled by its consumer gives its
+sequence id back to the pool before the next step; a request waits only for a free sequence id.
+
+Automatic prefix caching (vLLM's "automatic prefix caching"; llama.cpp's server `cache_prompt`): prompts that share
+a prefix (the chat template and system turn) skip prefilling it, which matters because prompt processing costs as
+much as decoding on a CPU. The engine remembers, for every sequence id, the tokens whose K/V its stream holds. A
+sequence that ends keeps its cells (an idle, cached slot). A request takes the free sequence id whose cached tokens
+share the longest prefix with its prompt (empty slots, then the least recently used, on a tie), and when its prefill
+starts it
+
+1. reuses its own slot's common prefix: `llama_memory_seq_rm(sid, lcp, -1)` drops the rest, or
+2. copies the stream of whichever other sequence id, running or idle, shares a longer prefix
+   (`llama_memory_seq_cp(src, dst, -1, -1)`: across streams llama.cpp copies the whole stream buffer at the start of
+   the next `llama_decode`, before that step writes anything, so a running source gives the cells it held before the
+   step; 25 MB at 2048 cells for SmolLM2-135M, ~8 ms measured on 2 cores, where a prompt token costs ~5 ms), when
+   that gains at least `_MIN_COPY` tokens, then trims the copy to the prefix;
+
+and prefills only the rest. At most `len(prompt) - 1` tokens are reused: the last prompt token is always decoded,
+its logits give the first sampled token. Cells land where they would be alone (position p in cell p of the
+sequence's own stream), and each token's K/V depends only on the tokens before it, so the output is the one the
+request gets from an empty cache. `kv_usage` reports cells held by running requests apart from cached ones;
+`clear_cache` frees the idle slots; `prefix_cache=False` frees a sequence's cells when it ends. Measured with
+`benchmarks.bench_server --prefix-cache on,off` (2 cores, 32 clients, ~38-token prompts sharing a 20-token system
+turn): TTFT p50 4.7 s -> 1.5 s, 59 -> 78 tokens/s.
 
 Batch-invariant by construction: the KV cache is split into one stream of `n_ctx` cells per sequence id
 (`kv_unified = false`) and attention runs llama.cpp's flash-attention kernel, so a request's cells are laid out as
@@ -41,6 +62,16 @@ from typing import Any
 from realizers.base import RealizerError, SamplingParams
 
 _DONE = object()  # end of a sequence's tokens
+_MIN_COPY = 16  # copy another stream only for at least this many more prefix tokens than the own slot offers
+
+
+def _lcp(a: list[int], b: list[int], cap: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `cap`."""
+    n = min(len(a), len(b), cap)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 @dataclass(eq=False)
@@ -56,6 +87,7 @@ class _Seq:
     n_gen: int = 0
     sampler: Any = None  # llama_sampler_p (a chain)
     cancelled: bool = False
+    started: bool = False  # its prefill began (the cached prefix, if any, is taken then)
 
 
 def _sampler_chain(ll: Any, n_vocab: int, params: SamplingParams) -> Any:
@@ -91,7 +123,8 @@ class BatchedEngine:
     `generate(prompt_ids, params)` returns an iterator of sampled ids (the EOS id included, when it comes); close
     it to cancel. It is safe to call from any thread; the engine thread starts with the first request.
     `n_ctx`: the most tokens one sequence may hold (its KV stream); `max_seqs`: sequences decoding at once (more
-    wait); `prefill_chunk`: prompt tokens per step while others decode.
+    wait); `prefill_chunk`: prompt tokens per step while others decode; `prefix_cache`: keep ended sequences' cells
+    and reuse shared prompt prefixes (see the module docstring).
     """
 
     def __init__(
@@ -104,6 +137,7 @@ class BatchedEngine:
         prefill_chunk: int = 128,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         import llama_cpp as ll
         from llama_cpp._internals import LlamaModel
@@ -117,6 +151,7 @@ class BatchedEngine:
         self.n_ctx = n_ctx
         self.max_seqs = max_seqs
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         params = model_params(self.path, extra_bufts)
         self.extra_bufts = bool(params.use_extra_bufts)
         self.model = LlamaModel(path_model=str(self.path), params=params, verbose=False)
@@ -141,12 +176,16 @@ class BatchedEngine:
         self._cv = threading.Condition()  # guards the queues below and `_closed`
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # engine thread only
-        self._free_ids = list(range(max_seqs - 1, -1, -1))  # engine thread only
+        self._free_ids = list(range(max_seqs))  # engine thread only; least recently released first
+        self._cached: list[list[int]] = [[] for _ in range(max_seqs)]  # per sequence id: the tokens its cells hold
         self._step_lock = threading.Lock()  # held for each step: `kv_usage` reads between steps
         self._closed = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (each one `llama_decode`), for benchmarks and tests
         self.decode_s = 0.0  # seconds spent inside `llama_decode`, for benchmarks (the rest is Python and waiting)
+        self.prompt_tokens = 0  # prompt tokens of the requests that started prefilling, for benchmarks
+        self.prefix_hits_tokens = 0  # of those, tokens whose K/V came from the cache (not decoded again)
+        self.prefix_copies = 0  # stream copies (`llama_memory_seq_cp`) made for a prefix
 
     # ------------------------------------------------------------------ public
 
@@ -167,8 +206,9 @@ class BatchedEngine:
         return self._stream(_Seq(list(prompt), p))
 
     def kv_usage(self) -> dict[str, Any]:
-        """Read between steps: sequences running and waiting, and the KV cells each llama.cpp sequence id holds
-        (pos max - pos min + 1, from the cache itself)."""
+        """Read between steps: sequences running and waiting; the KV cells each llama.cpp sequence id holds
+        (`per_seq`: pos max - pos min + 1, from the cache itself); `cells`: those held by running requests;
+        `cached`: those held by idle sequence ids for prefix reuse (freed by `clear_cache`)."""
         ll = self._ll
         with self._step_lock:
             per_seq = {}
@@ -179,7 +219,23 @@ class BatchedEngine:
             with self._cv:
                 waiting = len(self._waiting)
             running = len(self._running)
-        return {"running": running, "waiting": waiting, "cells": sum(per_seq.values()), "per_seq": per_seq}
+            busy = {s.sid for s in self._running}
+        cells = sum(n for sid, n in per_seq.items() if sid in busy)
+        cached = sum(n for sid, n in per_seq.items() if sid not in busy)
+        return {"running": running, "waiting": waiting, "cells": cells, "cached": cached, "per_seq": per_seq}
+
+    def clear_cache(self) -> int:
+        """Free the cells of every idle sequence id (the cached prefixes); returns how many cells were freed.
+        Running requests keep theirs."""
+        with self._step_lock:
+            if self._closed:
+                return 0
+            freed = 0
+            for sid in self._free_ids:
+                freed += len(self._cached[sid])
+                self._ll.llama_memory_seq_rm(self.mem, sid, -1, -1)
+                self._cached[sid] = []
+        return freed
 
     def close(self) -> None:
         """Fail what is still queued or running, stop the engine thread, free the context and the model."""
@@ -263,30 +319,79 @@ class BatchedEngine:
                 except Exception as e:  # noqa: BLE001 - this request's settings, not the engine: tell its consumer
                     s.out.put(RealizerError(f"sampler: {type(e).__name__}: {e}", where=str(self.path)))
                     continue
-                s.sid = self._free_ids.pop()
+                s.sid = self._pick_slot(s.prompt)
                 self._running.append(s)
 
+    def _pick_slot(self, prompt: list[int]) -> int:
+        """The free sequence id whose cached tokens share the longest prefix with `prompt`; on a tie an empty one,
+        then the least recently released (the cache keeps the most varied prefixes)."""
+        cap = len(prompt) - 1
+        best = max(
+            range(len(self._free_ids)),
+            key=lambda i: (
+                _lcp(self._cached[self._free_ids[i]], prompt, cap) if self.prefix_cache else 0,
+                not self._cached[self._free_ids[i]],
+                -i,
+            ),
+        )
+        return self._free_ids.pop(best)
+
     def _finish(self, s: _Seq, outcome: BaseException | None) -> None:
-        """Free the sequence's cells and id at once; tell the consumer (`None`: normal end)."""
+        """Free the sequence's id at once, and its cells unless the prefix cache keeps them (not after an error);
+        tell the consumer (`None`: normal end or cancelled)."""
         ll = self._ll
         self._running.remove(s)
-        ll.llama_memory_seq_rm(self.mem, s.sid, -1, -1)
+        if not self.prefix_cache or outcome is not None:
+            ll.llama_memory_seq_rm(self.mem, s.sid, -1, -1)
+            self._cached[s.sid] = []
         self._free_ids.append(s.sid)
         if s.sampler is not None:
             ll.llama_sampler_free(s.sampler)
             s.sampler = None
         s.out.put(_DONE if outcome is None else outcome)
 
+    def _take_prefix(self, s: _Seq, sources: set[int], targets: set[int]) -> None:
+        """Before `s` prefills: keep the prefix its own slot shares with its prompt, or copy a longer one from
+        another stream (see the module docstring), drop the other cells, and skip the prefix. `sources`/`targets`:
+        the copies queued this step (a stream is never both, so the order llama.cpp applies them in is moot)."""
+        ll, sid = self._ll, s.sid
+        self.prompt_tokens += len(s.prompt)
+        if not self.prefix_cache:
+            return
+        cap = len(s.prompt) - 1  # the last prompt token is always decoded: its logits give the first token
+        own = best = _lcp(self._cached[sid], s.prompt, cap)
+        src = -1
+        if cap - own >= _MIN_COPY and sid not in sources:
+            for other in range(self.max_seqs):
+                if other != sid and other not in targets:
+                    n = _lcp(self._cached[other], s.prompt, cap)
+                    if n >= best + (_MIN_COPY if src < 0 else 1):
+                        src, best = other, n
+        if src >= 0:
+            ll.llama_memory_seq_cp(self.mem, src, sid, -1, -1)  # whole stream, at the next llama_decode
+            self._cached[sid] = self._cached[src][:best]
+            sources.add(src)
+            targets.add(sid)
+            self.prefix_copies += 1
+        ll.llama_memory_seq_rm(self.mem, sid, best, -1)
+        del self._cached[sid][best:]
+        s.fed = best
+        self.prefix_hits_tokens += best
+
     def _step(self) -> None:
         """One batch: a token per decoding sequence, then prompt chunks; decode; sample where logits came out."""
         ll, b = self._ll, self._batch
         rows: list[tuple[_Seq, int]] = []  # (sequence, batch index of its logits)
+        added: list[tuple[int, int]] = []  # (sequence id, token) in batch order: what the cache holds after it
+        sources: set[int] = set()
+        targets: set[int] = set()
         n = 0
 
         def put(tok: int, pos: int, sid: int, logits: bool) -> None:
             nonlocal n
             b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, logits
             b.seq_id[n][0] = sid
+            added.append((sid, tok))
             n += 1
 
         decoding = [s for s in self._running if s.last is not None]
@@ -298,6 +403,9 @@ class BatchedEngine:
         for s in self._running:
             if s.last is not None or budget <= 0:
                 continue
+            if not s.started:
+                s.started = True
+                self._take_prefix(s, sources, targets)
             take = min(len(s.prompt) - s.fed, budget)
             for i in range(s.fed, s.fed + take):
                 put(s.prompt[i], i, s.sid, i == len(s.prompt) - 1)
@@ -315,6 +423,8 @@ class BatchedEngine:
             for s in {s for s, _ in rows} | {s for s in self._running if s.last is None}:
                 self._finish(s, err)
             return
+        for sid, tok in added:
+            self._cached[sid].append(tok)
         for s, i in rows:
             tok = ll.llama_sampler_sample(s.sampler, self.ctx, i)
             s.n_gen += 1

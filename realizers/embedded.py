@@ -230,6 +230,7 @@ class LlamaCppRealizer:
     every llama.cpp load. `weights` (auto / q4_1 / q8_0 / q4_0) is the weight type to run: a type the file does not
     have is converted once by llama.cpp's quantiser into the cache directory (`realizers.llamacpp.weights_file`,
     announced through `progress`); auto = `DEFAULT_WEIGHTS` for the packaged SmolLM2, a file of your own as it is.
+    `prefix_cache`: reuse the K/V of prompt prefixes shared with earlier or running requests (`realizers.batched`).
     `self.weights` is what runs, `self.path` the file loaded, `self.source` the file it came from."""
 
     def __init__(
@@ -245,6 +246,7 @@ class LlamaCppRealizer:
         prefill_chunk: int = 128,
         weights: str = "auto",
         progress: Callable[[str], None] | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         try:
             import llama_cpp
@@ -281,6 +283,7 @@ class LlamaCppRealizer:
                 prefill_chunk=prefill_chunk,
                 n_threads=n_threads,
                 n_threads_batch=n_threads_batch,
+                prefix_cache=prefix_cache,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise RealizerUnavailable(f"cannot load the model: {e}", where=str(self.path)) from e
