@@ -7,6 +7,7 @@ server, a missing package.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from hybrid.config import HybridConfig
@@ -98,6 +99,7 @@ def build_realizer(cfg: HybridConfig, progress: Progress = lambda _m: None):
                 weights=r.weights,
                 n_threads=r.threads,
                 progress=progress,
+                prefix_cache=r.prefix_cache,
             )
         return embedded_realizer(r.backend, params=params, **kwargs)
     except RealizerError as e:
@@ -110,10 +112,14 @@ def build_context(
     *,
     modes: set[str] | None = None,
     planner_threads: int | None = None,
+    embed_on_planner_thread: bool = True,
 ):
     """Load what the configured mode (or every mode in `modes`) needs. `planner_threads`: the llama.cpp planner
     engine's threads when `planner.threads` is unset (default: half the cores, leaving the rest to a realizer
-    that decodes at the same time; `hybrid run` passes all of them, as nothing else runs while it plans)."""
+    that decodes at the same time; `hybrid run` passes all of them, as nothing else runs while it plans).
+    `embed_on_planner_thread`: the sentence embedder's forwards run on the planner's model thread
+    (`planners.model_thread`: one OpenMP pool in the process keeps the planner's passes fast); a server whose
+    scoring must not wait for other requests' plans passes False."""
     modes = modes or {cfg.mode}
     planner = build_planner(cfg, progress, threads=planner_threads) if modes & {"hybrid", "diffusion"} else None
     realizer = build_realizer(cfg, progress) if modes & {"hybrid", "ar"} else None
@@ -123,5 +129,8 @@ def build_context(
 
         progress("loading sentence embedder (all-MiniLM-L6-v2) ...")
         embed = default_embedder()
+        thread = getattr(planner, "thread", None)
+        if embed_on_planner_thread and thread is not None:
+            embed = functools.partial(thread.call, embed)
         embed(["warm-up"])  # load now, not in the middle of the first request
     return HybridContext(config=cfg, planner=planner, realizer=realizer, embed=embed)

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vllm_local and modes & {"hybrid", "ar"}:
             vllm = start_vllm_local(args, say)
             cfg = vllm_local_config(cfg, vllm.base_url)
-        ctx = build_context(cfg, say, modes=modes)
+        ctx = build_context(cfg, say, modes=modes, embed_on_planner_thread=False)  # scoring never waits for plans
     except (UserError, SetupError, ValueError) as e:
         if vllm is not None:
             vllm.stop()

@@ -219,8 +219,6 @@ class BatchingPlanner:
 
     # ------------------------------------------------------------------ model work (worker thread only)
     def _run(self, batch: list[_Job]) -> list[Any]:
-        import torch
-
         from planners.planner import PlanResult
         from planners.sampler import infill, sample
         from planners.strategies import COUNTED_COMMITS
@@ -230,11 +228,12 @@ class BatchingPlanner:
         started = time.monotonic()
         cfg = self.planner.resolve(batch[0].config) if hasattr(self.planner, "resolve") else batch[0].config
         prompts = [j.prompt_ids for j in batch]
-        with torch.inference_mode():
-            if batch[0].kind == "plan":
-                out = sample(self.planner.model, prompts, cfg, on_block=self._block_hook(batch))
-            else:
-                out = infill(self.planner.model, [j.span for j in batch], cfg, prompts=prompts)
+        # on the planner's model thread when it has one (`Planner.call`: where its model was loaded, one OpenMP pool)
+        call = getattr(self.planner, "call", None) or _inference
+        if batch[0].kind == "plan":
+            out = call(sample, self.planner.model, prompts, cfg, on_block=self._block_hook(batch))
+        else:
+            out = call(infill, self.planner.model, [j.span for j in batch], cfg, prompts=prompts)
         per_pass = 2 if cfg.cfg_scale > 0 else 1
         results = []
         for i, j in enumerate(batch):
@@ -278,6 +277,13 @@ class BatchingPlanner:
             return all(stop)
 
         return on_block
+
+
+def _inference(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return fn(*args, **kwargs)
 
 
 def _solo_trajectory(traj: Any, *, counted: bool, per_pass: int) -> Any:

@@ -22,6 +22,7 @@ import torch
 
 from planners.loading import load_backbone
 from planners.model import DiffusionBackbone
+from planners.model_thread import ModelThread
 from planners.sampler import BlockDone, SamplerConfig, denoise
 from planners.trajectory import Trajectory
 
@@ -67,7 +68,19 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 class Planner:
-    def __init__(self, model: DiffusionBackbone, tokenizer: Any, sampler: SamplerConfig, *, name: str = "planner"):
+    """A diffusion planner: a backbone, its tokenizer and sampler settings. Every model call (`plan`, `redraw`,
+    `call`) runs on the planner's own thread (`planners.model_thread`), the one `load` built the model on."""
+
+    def __init__(
+        self,
+        model: DiffusionBackbone,
+        tokenizer: Any,
+        sampler: SamplerConfig,
+        *,
+        name: str = "planner",
+        thread: ModelThread | None = None,
+    ):
+        self.thread = thread or ModelThread("planner")
         self.model = model
         self.tokenizer = tokenizer
         self.sampler = sampler
@@ -101,7 +114,32 @@ class Planner:
 
         `engine` runs the forward passes (`choose_engine`): "torch", "llama_cpp" (the planner exported once to a
         GGUF of `engine_weights` in the cache directory, run by `planners.llama_engine` with `threads` threads)
-        or "auto"."""
+        or "auto". Loading runs on the planner's model thread, as its calls will."""
+        thread = ModelThread("planner")
+        kwargs = dict(adapter=adapter, mask_token_id=mask_token_id, sampler=sampler, device=device, dtype=dtype,
+                      engine=engine, engine_weights=engine_weights, threads=threads, progress=progress)  # fmt: skip
+        try:
+            return thread.call(cls._load, path, thread=thread, **kwargs)
+        except BaseException:
+            thread.close()
+            raise
+
+    @classmethod
+    def _load(
+        cls,
+        path: str | os.PathLike | None,
+        *,
+        thread: ModelThread,
+        adapter: str | os.PathLike | None,
+        mask_token_id: int | None,
+        sampler: SamplerConfig | None,
+        device: str,
+        dtype: torch.dtype,
+        engine: str,
+        engine_weights: str | None,
+        threads: int | None,
+        progress: Callable[[str], None],
+    ) -> Planner:
         from transformers import AutoTokenizer
 
         from planners.assets import DEFAULT_ADAPTER, SMOLLM2_MASK_TOKEN, smollm2_hf_dir
@@ -175,7 +213,7 @@ class Planner:
             )
             name = f"{name}[llama.cpp {model.weights}]"
         cfg = sampler or default_sampler_for(model)
-        return cls(model, tok, cfg, name=name)
+        return cls(model, tok, cfg, name=name, thread=thread)
 
     # ------------------------------------------------------------------ text <-> ids
     def encode(self, prompt: str | Messages, *, system: str | None = None) -> list[int]:
@@ -208,7 +246,11 @@ class Planner:
             )
 
     # ------------------------------------------------------------------ planning
-    @torch.inference_mode()
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the planner's model thread, under `torch.inference_mode` (for callers that
+        drive the model themselves, e.g. a batching front)."""
+        return self.thread.call(_inference, fn, args, kwargs)
+
     def plan(
         self,
         prompt: str | Messages,
@@ -218,9 +260,12 @@ class Planner:
         on_block: ProgressCallback | None = None,
         **overrides,
     ) -> PlanResult:
-        """Draft a plan. `on_block` is called from this thread each time a block becomes final, with the text
-        so far (`PlanProgress`): stream it (a plan as it forms, diffusion mode's answer). Return True from it
-        to stop after that block (the client went away); the plan then ends there."""
+        """Draft a plan. `on_block` is called from the planner's thread each time a block becomes final, with the
+        text so far (`PlanProgress`): stream it (a plan as it forms, diffusion mode's answer). Return True from
+        it to stop after that block (the client went away); the plan then ends there."""
+        return self.call(self._plan, prompt, system=system, config=config, on_block=on_block, **overrides)
+
+    def _plan(self, prompt, *, system, config, on_block, **overrides) -> PlanResult:
         cfg = config or self.sampler
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
@@ -231,12 +276,14 @@ class Planner:
         x = torch.tensor([prompt_ids + [mask_id] * cfg.gen_length], device=dev)
         return self._run(x, prompt_ids, cfg, on_block)
 
-    @torch.inference_mode()
     def redraw(
         self, previous: PlanResult, positions: Sequence[int], *, config: SamplerConfig | None = None
     ) -> PlanResult:
         """Remask `positions` (relative to the generation span) of a previous plan and denoise them again
         with every other token held fixed."""
+        return self.call(self._redraw, previous, positions, config=config)
+
+    def _redraw(self, previous: PlanResult, positions: Sequence[int], *, config: SamplerConfig | None) -> PlanResult:
         span = list(previous.span or previous.tokens)
         cfg = redraw_config(config or self.sampler, len(span))
         mask_id = self.model.config.mask_token_id
@@ -301,6 +348,11 @@ class Planner:
             "tokens_per_step": (len(span) / max(1, int(out.steps))),
         }
         return PlanResult(self.decode(tokens), tokens, prompt_ids, traj, stats, span=span)
+
+
+def _inference(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    with torch.inference_mode():
+        return fn(*args, **kwargs)
 
 
 UNTRAINED = "none"  # planner.adapter value that asks for the untrained base model explicitly
