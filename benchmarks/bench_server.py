@@ -8,8 +8,9 @@
     python -m benchmarks.bench_server --start "--mode ar --load-modes ar" -n 1,8,32 --modes ar --prefix-cache on,off
 
 Every mode gets one untimed warm-up request, then N clients start together, each streaming one chat
-completion (distinct held-out questions, none repeated in a run, greedy); `-n` may list several N, run in order per mode. With N = 1 in the list,
-every burst of that mode also reports its aggregate content tokens/s as a ratio to that single stream
+completion (distinct held-out questions, none repeated in a run, greedy); `-n` may list several N, run in
+order per mode. With N = 1 in the list, every burst of that mode also reports its aggregate content tokens/s
+as a ratio to that single stream
 (`ratio_vs_single`), measured in the same run. Per request, from the moment it is sent: plan latency (the chunk
 carrying the plan arrived; the server's own plan_ms beside it), TTFT (first chunk with non-empty content, as
 `vllm bench serve`), total time; then p50 / p99 over the requests, throughput (requests/s and content
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 
 def questions() -> list[str]:
     """Distinct open questions (the held-out free-text prompts of `planners.adapt.data.make_prompts`): every request
@@ -105,9 +107,7 @@ async def burst(
         if warm["error"]:
             raise SystemExit(f"bench_server: warm-up request ({mode}) failed: {warm['error']}")
         t0 = time.perf_counter()
-        runs = await asyncio.gather(
-            *(one(client, url, headers, payload(prompts[i % len(prompts)])) for i in range(n))
-        )
+        runs = await asyncio.gather(*(one(client, url, headers, payload(prompts[i % len(prompts)])) for i in range(n)))
         wall = time.perf_counter() - t0
     ok = [r for r in runs if not r["error"]]
     errors = [r["error"] for r in runs if r["error"]]
