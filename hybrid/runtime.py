@@ -134,3 +134,21 @@ def build_context(
             embed = functools.partial(thread.call, embed)
         embed(["warm-up"])  # load now, not in the middle of the first request
     return HybridContext(config=cfg, planner=planner, realizer=realizer, embed=embed)
+
+
+def share_cores(ctx) -> bool:
+    """Let the embedded llama.cpp planner use every core while the embedded realizer has nothing to decode, and
+    its configured share (`planner.threads`, default half the cores) while it has: a lone hybrid request then
+    plans on the whole CPU, and the two engines never oversubscribe the cores when both work. Only when
+    `planner.threads` is unset; returns whether it applied."""
+    import os
+
+    from planners.llama_engine import LlamaCppEngine
+
+    model = getattr(ctx.planner, "model", None)
+    realizer_engine = getattr(ctx.realizer, "engine", None)
+    if not isinstance(model, LlamaCppEngine) or ctx.config.planner.threads or not hasattr(realizer_engine, "busy"):
+        return False
+    cores = os.cpu_count() or 1
+    model.threads_fn = lambda: model.n_threads if realizer_engine.busy else cores
+    return True

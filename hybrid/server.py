@@ -445,7 +445,7 @@ def _load_modes(value: str | None, configured: str) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from hybrid.cli import UserError, _err, _progress, config_from_args
-    from hybrid.runtime import SetupError, build_context
+    from hybrid.runtime import SetupError, build_context, share_cores
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             vllm = start_vllm_local(args, say)
             cfg = vllm_local_config(cfg, vllm.base_url)
         ctx = build_context(cfg, say, modes=modes, embed_on_planner_thread=False)  # scoring never waits for plans
+        share_cores(ctx)  # the planner takes every core while the realizer has nothing to decode
     except (UserError, SetupError, ValueError) as e:
         if vllm is not None:
             vllm.stop()

@@ -38,6 +38,7 @@ import json
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,12 @@ class _Context:
         self.mem = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(n_ubatch, 0, 1)
         self.causal: bool | None = None
+        self.threads = threads
+
+    def set_threads(self, n: int) -> None:
+        if n != self.threads:
+            self.ll.llama_set_n_threads(self.ctx, n, n)
+            self.threads = n
 
     def fits(self, n_ctx: int, n_seq: int, n_ubatch: int) -> bool:
         return self.shape[0] >= n_ctx and self.shape[1] >= n_seq and self.shape[2] >= n_ubatch
@@ -151,6 +158,9 @@ class LlamaCppEngine:
         # CPU flash attention computes in f16: off for the f32 export, whose logits match torch's to ~1e-5
         self.flash_attn = (self.weights != "f32") if flash_attn is None else flash_attn
         self.max_ubatch = max_ubatch
+        # threads for the next decode, asked before each one (None: n_threads); e.g. every core while nothing else
+        # decodes (`hybrid.runtime.share_cores`)
+        self.threads_fn: Callable[[], int] | None = None
         self.device = torch.device("cpu")
         self._idle: list[_Context] = []  # contexts of finished runs, reused by the next ones
         self._lock = threading.Lock()
@@ -301,6 +311,7 @@ class LlamaCppEngine:
 
     def _flush(self, cx: _Context, items, out, a) -> None:
         ll, batch = self._ll, cx.batch
+        cx.set_threads(max(1, int(self.threads_fn())) if self.threads_fn is not None else self.n_threads)
         n = len(items)
         for i, (r, _t, tok, p, lg) in enumerate(items):
             batch.token[i] = tok

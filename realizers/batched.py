@@ -205,6 +205,11 @@ class BatchedEngine:
         )
         return self._stream(_Seq(list(prompt), p))
 
+    @property
+    def busy(self) -> bool:
+        """Requests are running or waiting (read without the engine's locks: a hint that may be a step old)."""
+        return bool(self._running or self._waiting)
+
     def kv_usage(self) -> dict[str, Any]:
         """Read between steps: sequences running and waiting; the KV cells each llama.cpp sequence id holds
         (`per_seq`: pos max - pos min + 1, from the cache itself); `cells`: those held by running requests;

@@ -17,6 +17,8 @@ import pytest
 import torch
 from conftest import tiny_llama_backbone
 
+from tests.test_realizer_embedded import needs_smollm2
+
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
@@ -290,3 +292,53 @@ def test_shipped_planner_same_plans_on_f32_gguf(engine_probe):
                 assert lc.plan(q, config=c).span == t.plan(q, config=c).span
     finally:
         lc.model.close()
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_threads_are_asked_per_decode_and_change_no_token(engine, smol_tokenizer):
+    """`threads_fn` is read before every decode (`_Context.set_threads`); plans are the same whatever it says."""
+    from planners.planner import Planner
+    from planners.sampler import SamplerConfig
+
+    cfg = SamplerConfig(gen_length=16, steps=16, block_length=8, cache="prefix")
+    planner = Planner(engine, smol_tokenizer, cfg, name="tiny-llama")
+    fixed = planner.plan("How do I make a cup of tea?")
+    asked = []
+    engine.threads_fn = lambda: asked.append(len(asked)) or (1 + len(asked) % 2)  # 2, 1, 2, ...
+    try:
+        varied = planner.plan("How do I make a cup of tea?")
+    finally:
+        engine.threads_fn = None
+    assert varied.span == fixed.span
+    assert len(asked) >= varied.stats["nfe"]  # at least one question per forward pass
+
+
+@needs_smollm2
+def test_share_cores_gives_the_planner_every_core_while_the_realizer_is_idle(engine, smol_tokenizer, llama_cpp_safe):
+    import os
+
+    from hybrid.config import HybridConfig
+    from hybrid.runtime import share_cores
+    from hybrid.state import HybridContext
+    from planners.planner import Planner
+    from planners.sampler import SamplerConfig
+    from realizers.base import SamplingParams
+    from realizers.embedded import LlamaCppRealizer
+
+    planner = Planner(engine, smol_tokenizer, SamplerConfig(gen_length=8, steps=8, block_length=8), name="tiny")
+    realizer = LlamaCppRealizer(max_seqs=2, n_ctx=256)
+    try:
+        pinned = HybridContext(config=HybridConfig.load(**{"planner.threads": 1}), planner=planner, realizer=realizer)
+        assert not share_cores(pinned) and engine.threads_fn is None  # an explicit planner.threads is kept
+        ctx = HybridContext(config=HybridConfig.load(), planner=planner, realizer=realizer)
+        assert share_cores(ctx)
+        assert engine.threads_fn() == (os.cpu_count() or 1)  # nothing to decode: every core
+        stream = realizer.engine.generate(realizer.prompt_ids([{"role": "user", "content": "Hi"}]), SamplingParams(8))
+        next(stream)
+        assert realizer.engine.busy and engine.threads_fn() == engine.n_threads  # decoding: the planner's share
+        stream.close()
+    finally:
+        engine.threads_fn = None
+        realizer.close()
