@@ -219,7 +219,7 @@ class BatchingPlanner:
 
     # ------------------------------------------------------------------ model work (worker thread only)
     def _run(self, batch: list[_Job]) -> list[Any]:
-        from planners.planner import PlanResult
+        from planners.planner import PlanResult, inference
         from planners.sampler import infill, sample
         from planners.strategies import COUNTED_COMMITS
 
@@ -229,7 +229,7 @@ class BatchingPlanner:
         cfg = self.planner.resolve(batch[0].config) if hasattr(self.planner, "resolve") else batch[0].config
         prompts = [j.prompt_ids for j in batch]
         # on the planner's model thread when it has one (`Planner.call`: where its model was loaded, one OpenMP pool)
-        call = getattr(self.planner, "call", None) or _inference
+        call = getattr(self.planner, "call", None) or inference
         if batch[0].kind == "plan":
             out = call(sample, self.planner.model, prompts, cfg, on_block=self._block_hook(batch))
         else:
@@ -277,13 +277,6 @@ class BatchingPlanner:
             return all(stop)
 
         return on_block
-
-
-def _inference(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    import torch
-
-    with torch.inference_mode():
-        return fn(*args, **kwargs)
 
 
 def _solo_trajectory(traj: Any, *, counted: bool, per_pass: int) -> Any:

@@ -249,7 +249,7 @@ class Planner:
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on the planner's model thread, under `torch.inference_mode` (for callers that
         drive the model themselves, e.g. a batching front)."""
-        return self.thread.call(_inference, fn, args, kwargs)
+        return self.thread.call(inference, fn, *args, **kwargs)
 
     def plan(
         self,
@@ -350,7 +350,8 @@ class Planner:
         return PlanResult(self.decode(tokens), tokens, prompt_ids, traj, stats, span=span)
 
 
-def _inference(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def inference(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` under `torch.inference_mode`, in the calling thread."""
     with torch.inference_mode():
         return fn(*args, **kwargs)
 
