@@ -36,9 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ============================================================================================ helpers
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen, so two calls in a row cannot hand
+    out the same port."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class ThreadServer:
@@ -568,13 +579,14 @@ def test_serve_vllm_local_realizes_through_local_vllm(tmp_path):
     from realizers.local_vllm import LocalVLLM, default_dir
     from realizers.server import launch, terminate, wait_ready
 
-    lv = LocalVLLM(dir=default_dir(), port=free_port())
+    vllm_port, port = free_ports(2)
+    lv = LocalVLLM(dir=default_dir(), port=vllm_port)
     if not lv.prepared():
         msg = f"local vLLM not prepared in {lv.dir}: run `bash .ci/prepare_vllm.sh` (or set HYBRID_VLLM_VENV)"
         if os.environ.get("HYBRID_REQUIRE_VLLM") == "1":
             pytest.fail(msg + " — required because HYBRID_REQUIRE_VLLM=1")
         pytest.skip(msg)
-    port, log = free_port(), tmp_path / "serve.log"
+    log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "hybrid.cli", "serve", "--vllm-local", "--vllm-local-port", str(lv.port)]
     cmd += ["--mode", "ar", "--port", str(port), "--log-level", "warning"]
     proc = launch(cmd, env=_serve_env(HYBRID_VLLM_VENV=str(lv.dir)), log_path=log)
@@ -582,7 +594,12 @@ def test_serve_vllm_local_realizes_through_local_vllm(tmp_path):
     try:
         wait_ready(f"{url}/v1", timeout_s=420, proc=proc, log_path=log)
         assert lv.running_pid() is not None  # the serve process started it
-        health = httpx.get(f"{url}/health", timeout=5).json()
+        r = httpx.get(f"{url}/health", timeout=5)
+        assert r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"), (
+            f"{url}/health answered {r.status_code} {r.text!r}, not the hybrid server's JSON; serve log:\n"
+            + log.read_text()[-3000:]
+        )
+        health = r.json()
         assert health["realizer"] == f"openai:smollm2@{lv.base_url}" and health["modes"] == ["ar"]
         r = httpx.post(f"{url}/v1/chat/completions", json=body(hybrid_mode="ar"), timeout=120)
         assert r.status_code == 200, r.text
