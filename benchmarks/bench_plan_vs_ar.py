@@ -2,9 +2,10 @@
 
 For each held-out prompt (`planners.adapt.data.make_prompts`, topics never seen in training) and in the same
 process, alternating the order per prompt:
-  - each planner engine drafts a `--gen-length` plan with the product's sampler settings (threshold commits at
-    τ = 0.9, blocks of 8, prefix KV cache, trajectory recorded), batch 1, through `Planner.plan`: wall time, NFE,
-    tokens per pass (span tokens / NFE), ms per pass;
+  - each planner engine drafts a `--gen-length` plan with the product's sampler settings (its default commit
+    rule, blocks of 8, prefix KV cache, trajectory recorded; `--set planner.commit=...` and friends change them,
+    `--adapter` another planner adapter), batch 1, through `Planner.plan`: wall time, NFE, tokens per pass
+    (span tokens / NFE), ms per pass;
   - the realizer (llama.cpp, the packaged Q4_1 GGUF, through `realizers.llamacpp.load_llama`) writes the same
     number of tokens greedily (prompt evaluation included, EOS ignored): wall time. Its greedy text up to EOS is
     the AR reference plan;
@@ -19,6 +20,8 @@ Engines: torch_fp32 (LoRA merged), torch_bf16, llama_<type> for GGUF exports of 
 
     python -m benchmarks.bench_plan_vs_ar
     python -m benchmarks.bench_plan_vs_ar --prompts 4 --engines torch_fp32 llama_q8_0 --no-micro
+    python -m benchmarks.bench_plan_vs_ar --engines llama_q8_0 --no-micro --adapter runs/cf/adapter.safetensors \
+        --set planner.commit=threshold --set planner.threshold=0.9
 
 Prints tables; the whole result is JSON on the last line.
 """
@@ -46,20 +49,30 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--no-micro", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter", default=None, help="planner adapter .safetensors (default: the shipped one)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. planner.commit=threshold planner.threshold=0.9 (repeatable)",
+    )
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def load_planner(engine: str, sampler, threads: int):
+def load_planner(engine: str, sampler, threads: int, adapter: str | None = None):
     from planners.planner import Planner
 
     if engine.startswith("torch_"):
         dtype = {"torch_fp32": torch.float32, "torch_bf16": torch.bfloat16}[engine]
-        return Planner.load(engine="torch", dtype=dtype, sampler=sampler, device="cpu")
+        return Planner.load(adapter=adapter, engine="torch", dtype=dtype, sampler=sampler, device="cpu")
     weights = engine.removeprefix("llama_")
-    return Planner.load(engine="llama_cpp", engine_weights=weights, sampler=sampler, threads=threads, device="cpu")
+    return Planner.load(
+        adapter=adapter, engine="llama_cpp", engine_weights=weights, sampler=sampler, threads=threads, device="cpu"
+    )
 
 
 def load_realizer(threads: int):
@@ -164,13 +177,14 @@ def main(argv=None) -> dict:
     from planners.embedding import SentenceEmbedder
     from planners.loading import load_backbone
 
-    hc = HybridConfig.load(**{"planner.gen_length": a.gen_length, "planner.steps": a.gen_length})
+    overrides = dict(kv.split("=", 1) for kv in a.set)
+    hc = HybridConfig.load(**{"planner.gen_length": a.gen_length, "planner.steps": a.gen_length, **overrides})
     sampler = sampler_config(hc)
     prompts = pick_prompts(a.prompts, 0, a.seed)
     planners = {}
     for e in a.engines:
         t0 = time.perf_counter()
-        planners[e] = load_planner(e, sampler, a.threads)
+        planners[e] = load_planner(e, sampler, a.threads, a.adapter)
         print(f"  loaded {e} in {time.perf_counter() - t0:.1f} s ({planners[e].name})", flush=True)
     tok = next(iter(planners.values())).tokenizer
     eos = tok.eos_token_id
@@ -244,6 +258,7 @@ def main(argv=None) -> dict:
         )
     cpu = _cpu()
     result: dict = {"prompts": len(prompts), "gen_length": a.gen_length, "threads": a.threads, "cpu": cpu, "rows": rows}
+    result["adapter"] = a.adapter or "shipped"
     result["sampler"] = {k: getattr(sampler, k) for k in ("commit", "threshold", "block_length", "cache", "steps")}
     result["extra_bufts"] = {n: getattr(p.model, "extra_bufts", None) for n, p in planners.items()}
     cols = ["engine", "seconds", "nfe", "tokens_per_pass", "ms_per_pass", "ratio", "ar_nll", "cosine_vs_ar",

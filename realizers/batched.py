@@ -206,6 +206,11 @@ class BatchedEngine:
         return self._stream(_Seq(list(prompt), p))
 
     @property
+    def eos_id(self) -> int:
+        """The model's end-of-sequence id (its vocabulary's EOS; every end-of-generation id ends a stream)."""
+        return int(self._ll.llama_vocab_eos(self.vocab))
+
+    @property
     def busy(self) -> bool:
         """Requests are running or waiting (read without the engine's locks: a hint that may be a step old)."""
         return bool(self._running or self._waiting)

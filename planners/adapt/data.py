@@ -459,15 +459,16 @@ def distill(
     limit: int | None = None,
     deadline: float | None = None,
     progress: bool = True,
+    streams: int = 1,
 ) -> int:
     """Answer `prompts` with the GGUF instruct model (greedy) and append JSON lines
     {"text", "kind", "topic", "answer", "prompt_ids", "response_ids", "finished"} to `out`.
     `response_ids` ends with the end-of-turn id when the model finished within `max_new_tokens`
     (`finished`). Skips prompts already in the file; stops after `limit` new lines or at `deadline`
-    (time.time()). Returns the number of lines written now."""
+    (time.time()). `streams` > 1 answers that many prompts at once through the batched engine
+    (`realizers.batched`: one decode step for all of them, ~3x the tokens per second of one stream on 2
+    cores); lines are then written in the order answers finish. Returns the number of lines written now."""
     from tqdm import tqdm
-
-    from realizers.llamacpp import load_llama
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -477,6 +478,11 @@ def distill(
         todo = todo[:limit]
     if not todo:
         return 0
+    if streams > 1:
+        return _distill_batched(todo, out, gguf_path, tokenizer, max_new_tokens, n_threads, deadline, progress, streams)
+
+    from realizers.llamacpp import load_llama
+
     llm = load_llama(gguf_path, n_ctx=512, n_threads=n_threads)
     eos = llm.token_eos()
     written = 0
@@ -504,6 +510,73 @@ def distill(
             written += 1
             tokens += len(resp)
             bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
+    return written
+
+
+def _distill_batched(
+    todo: list[Prompt],
+    out: Path,
+    gguf_path: str | Path,
+    tokenizer,
+    max_new_tokens: int,
+    n_threads: int,
+    deadline: float | None,
+    progress: bool,
+    streams: int,
+) -> int:
+    """`distill` through `realizers.batched.BatchedEngine`: `streams` prompts decode together, one thread each
+    drains its stream; the same greedy answers up to the batched kernels' rounding."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from realizers.base import SamplingParams
+    from realizers.batched import BatchedEngine
+
+    engine = BatchedEngine(gguf_path, n_ctx=512, max_seqs=streams, n_threads=n_threads, prefix_cache=True)
+    eos = engine.eos_id
+    special = set(tokenizer.all_special_ids)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, extra={"repeat_penalty": 1.0})
+    lock = threading.Lock()
+    bar = tqdm(total=len(todo), desc="distill", disable=not progress, dynamic_ncols=True)
+    start, written, tokens = time.time(), 0, 0
+
+    def answer(p: Prompt, f) -> None:
+        nonlocal written, tokens
+        if deadline is not None and time.time() > deadline:
+            return
+        prompt_ids = chat_prompt_ids(tokenizer, p.text)
+        resp: list[int] = []
+        finished = False
+        it = engine.generate(prompt_ids, params)
+        try:
+            for t in it:
+                if t == eos or t in special:
+                    resp.append(eos)
+                    finished = True
+                    break
+                resp.append(t)
+                if len(resp) >= max_new_tokens:
+                    break
+        finally:
+            it.close()
+        rec = {**asdict(p), "prompt_ids": prompt_ids, "response_ids": resp, "finished": finished}
+        with lock:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            written += 1
+            tokens += len(resp)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
+
+    try:
+        with out.open("a") as f, ThreadPoolExecutor(streams) as pool:
+            for fut in [pool.submit(answer, p, f) for p in todo]:
+                fut.result()
+    finally:
+        bar.close()
+        engine.close()
     return written
 
 

@@ -163,8 +163,29 @@ def logits_at(model: DiffusionBackbone, batch: Batch, flat_index: torch.Tensor, 
     return logits, h
 
 
-def loss_fn(model: DiffusionBackbone, batch: Batch, *, ar_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Diffusion loss (+ ar_weight × AR loss) for one batch, and float stats for logging."""
+def certainty_loss(logits: torch.Tensor, tgt: torch.Tensor, temperature: float = 0.5) -> tuple[torch.Tensor, int]:
+    """dParallel's certainty term (arXiv 2509.26488): the mean entropy of softmax(logits / temperature) over the
+    predictions whose argmax already is the target, and how many there were. Minimising it makes the model sure
+    of what it gets right, so more positions clear a commit threshold in the same pass; wrong predictions are left
+    to the cross-entropy term."""
+    right = logits.argmax(-1) == tgt
+    n = int(right.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    logp = F.log_softmax(logits[right].float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean(), n
+
+
+def loss_fn(
+    model: DiffusionBackbone,
+    batch: Batch,
+    *,
+    ar_weight: float = 0.0,
+    certainty_weight: float = 0.0,
+    certainty_temperature: float = 0.5,
+) -> tuple[torch.Tensor, dict]:
+    """Diffusion loss (+ ar_weight × AR loss, + certainty_weight × `certainty_loss` over the masked targets) for
+    one batch, and float stats for logging."""
     dev = next(model.parameters()).device
     h = model.hidden_states(
         batch.input_ids.to(dev), attention_mask=batch.attn.to(dev), position_ids=batch.position_ids.to(dev)
@@ -174,6 +195,12 @@ def loss_fn(model: DiffusionBackbone, batch: Batch, *, ar_weight: float = 0.0) -
     diff = (ce * batch.weight.to(dev)).sum() / max(batch.n_response, 1)
     loss = diff
     stats = {"diff": float(diff.detach())}
+    if certainty_weight > 0:
+        m = batch.masked.to(dev)
+        cert, n_right = certainty_loss(logits[m], batch.tgt.to(dev)[m], certainty_temperature)
+        loss = loss + certainty_weight * cert
+        stats["cert"] = float(cert.detach())
+        stats["right"] = n_right / max(int(m.sum()), 1)
     if ar_weight > 0 and len(batch.ar_src):
         ar_logits, _ = logits_at(model, batch, batch.ar_src.to(dev), h)
         ar = F.cross_entropy(ar_logits.float(), batch.ar_tgt.to(dev))

@@ -47,6 +47,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     eps: float = 1e-3
     ar_weight: float = 0.0
+    certainty_weight: float = 0.0  # dParallel's certainty-forcing term (objective.certainty_loss); 0 = off
+    certainty_temperature: float = 0.5
     clean: CleanAttention = "block_causal"
     eval_every: int = 50  # steps
     eval_seconds: float | None = None  # also evaluate when this much time passed since the last eval
@@ -56,6 +58,8 @@ class TrainConfig:
     threads: int | None = 2
     bf16: bool = False  # CPU autocast to bfloat16 (adapter and optimiser stay float32): ~1.8x on AVX512-BF16
     eval_rows: int | None = None  # held-out rows used by the periodic eval (all of them by default)
+    keep: str = "best"  # which adapter to write: "best" (held-out masked accuracy) or "last" (certainty runs trade
+    # a little masked accuracy for confidence, so the best-accuracy one would undo them)
     progress: bool = True
     meta: dict = field(default_factory=dict)  # merged into the adapter's sidecar JSON
 
@@ -248,7 +252,13 @@ def train(
             for gr in opt.param_groups:
                 gr["lr"] = lr
             with autocast():
-                loss, st = loss_fn(model, batch, ar_weight=cfg.ar_weight)
+                loss, st = loss_fn(
+                    model,
+                    batch,
+                    ar_weight=cfg.ar_weight,
+                    certainty_weight=cfg.certainty_weight,
+                    certainty_temperature=cfg.certainty_temperature,
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -294,11 +304,18 @@ def train(
     if not stop.startswith("early stop"):
         do_eval("final")
     save_state(ckpt, model, opt, state, gen)
-    if best_path.exists():  # ship the best held-out adapter, not the last
+    if cfg.keep == "best" and best_path.exists():  # ship the best held-out adapter, not the last
         model.load_state_dict(torch.load(best_path), strict=False)
     meta = {
         "training": {
-            "objective": "block-diffusion SFT (two-copy layout), 1/t-weighted masked CE, Dream shift",
+            "objective": "block-diffusion SFT (two-copy layout), 1/t-weighted masked CE, Dream shift"
+            + (
+                f" + {cfg.certainty_weight} x certainty-forcing entropy at T={cfg.certainty_temperature} "
+                "(dParallel, arXiv 2509.26488)"
+                if cfg.certainty_weight > 0
+                else ""
+            ),
+            "kept": cfg.keep,
             "clean_attention": cfg.clean,
             "ar_weight": cfg.ar_weight,
             "steps": state["step"],
