@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from planners.adapt.cli import LORA_TARGETS, export_adapter, main, synthetic_rows, tiny_base
@@ -155,6 +156,8 @@ def test_cli_continues_from_an_adapter_and_keeps_the_last(tmp_path):
     assert meta["training"]["kept"] == "last" and "certainty" in meta["training"]["objective"]
     assert meta["init_adapter"].endswith("adapter.safetensors")
     assert any("cert" in h for h in history if "loss" in h)
+    with pytest.raises(SystemExit, match="no such adapter file"):
+        main(["--out", str(tmp_path / "c"), "--init-adapter", str(tmp_path / "missing.safetensors"), *common])
 
 
 def test_batched_distillation_answers_like_one_stream(tmp_path, smol_tokenizer, llama_cpp_safe):

@@ -205,6 +205,8 @@ def data_stats(train_ex: list[dict], held_ex: list[dict], prompts: dict, seed: i
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.init_adapter and not Path(a.init_adapter).is_file():
+        raise SystemExit(f"planners.adapt: --init-adapter {a.init_adapter}: no such adapter file")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = (out / "train.log").open("a")
