@@ -55,7 +55,7 @@ def parse_args(argv=None):
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override, e.g. planner.commit=threshold planner.threshold=0.9 (repeatable)",
+        help="config override as `hybrid run --set` reads it, e.g. planner.commit=threshold (repeatable)",
     )
     return p.parse_args(argv)
 
@@ -170,6 +170,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     from benchmarks.bench_planner_quality import _mean, ar_nll, pick_prompts, repeat_rate
+    from hybrid.cli import parse_set
     from hybrid.config import HybridConfig
     from hybrid.runtime import sampler_config
     from planners.adapt.data import chat_prompt_ids
@@ -177,8 +178,7 @@ def main(argv=None) -> dict:
     from planners.embedding import SentenceEmbedder
     from planners.loading import load_backbone
 
-    overrides = dict(kv.split("=", 1) for kv in a.set)
-    hc = HybridConfig.load(**{"planner.gen_length": a.gen_length, "planner.steps": a.gen_length, **overrides})
+    hc = HybridConfig.load(**parse_set([f"planner.gen_length={a.gen_length}", f"planner.steps={a.gen_length}", *a.set]))
     sampler = sampler_config(hc)
     prompts = pick_prompts(a.prompts, 0, a.seed)
     planners = {}

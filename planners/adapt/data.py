@@ -19,7 +19,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -468,8 +468,6 @@ def distill(
     (time.time()). `streams` > 1 answers that many prompts at once through the batched engine
     (`realizers.batched`: one decode step for all of them; 24 streams wrote ~80 tokens/s on 2 cores); lines
     are then written in the order answers finish. Returns the number of lines written now."""
-    from tqdm import tqdm
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_texts(out)
@@ -484,33 +482,59 @@ def distill(
     from realizers.llamacpp import load_llama
 
     llm = load_llama(gguf_path, n_ctx=512, n_threads=n_threads)
-    eos = llm.token_eos()
-    written = 0
-    tokens = 0
-    bar = tqdm(todo, desc="distill", disable=not progress, dynamic_ncols=True)
-    start = time.time()
-    with out.open("a") as f:
-        for p in bar:
+    eos, special = llm.token_eos(), set(tokenizer.all_special_ids)
+    with _Sink(out, len(todo), progress) as sink:
+        for p in todo:
             if deadline is not None and time.time() > deadline:
                 break
             prompt_ids = chat_prompt_ids(tokenizer, p.text)
-            resp: list[int] = []
-            finished = False
-            for t in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-                if t == eos or t in tokenizer.all_special_ids and t != eos:
-                    resp.append(eos)
-                    finished = True
-                    break
-                resp.append(t)
-                if len(resp) >= max_new_tokens:
-                    break
-            rec = {**asdict(p), "prompt_ids": prompt_ids, "response_ids": resp, "finished": finished}
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            written += 1
-            tokens += len(resp)
-            bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
-    return written
+            tokens = llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
+            sink.write(p, prompt_ids, *_take_answer(tokens, eos, special, max_new_tokens))
+    return sink.written
+
+
+def _take_answer(tokens: Iterable[int], eos: int, special: set[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """Read a greedy answer off `tokens`: (response ids, finished). Any special id ends it and is stored as `eos`
+    (finished); otherwise it stops after `max_new_tokens`."""
+    resp: list[int] = []
+    for t in tokens:
+        if t == eos or t in special:
+            return [*resp, eos], True
+        resp.append(t)
+        if len(resp) >= max_new_tokens:
+            break
+    return resp, False
+
+
+class _Sink:
+    """Appends distilled records to the JSONL file, with a progress bar; `write` may be called from any thread."""
+
+    def __init__(self, out: Path, total: int, progress: bool) -> None:
+        import threading
+
+        from tqdm import tqdm
+
+        self.f = out.open("a")
+        self.bar = tqdm(total=total, desc="distill", disable=not progress, dynamic_ncols=True)
+        self.lock = threading.Lock()
+        self.start, self.written, self.tokens = time.time(), 0, 0
+
+    def write(self, p: Prompt, prompt_ids: list[int], resp: list[int], finished: bool) -> None:
+        rec = {**asdict(p), "prompt_ids": prompt_ids, "response_ids": resp, "finished": finished}
+        with self.lock:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+            self.written += 1
+            self.tokens += len(resp)
+            self.bar.update(1)
+            self.bar.set_postfix(tok_s=f"{self.tokens / (time.time() - self.start):.0f}")
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.f.close()
 
 
 def _distill_batched(
@@ -526,58 +550,30 @@ def _distill_batched(
 ) -> int:
     """`distill` through `realizers.batched.BatchedEngine`: `streams` prompts decode together, one thread each
     drains its stream; the same greedy answers up to the batched kernels' rounding."""
-    import threading
     from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
+    from contextlib import closing
 
     from realizers.base import SamplingParams
     from realizers.batched import BatchedEngine
 
     engine = BatchedEngine(gguf_path, n_ctx=512, max_seqs=streams, n_threads=n_threads, prefix_cache=True)
-    eos = engine.eos_id
-    special = set(tokenizer.all_special_ids)
+    eos, special = engine.eos_id, set(tokenizer.all_special_ids)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, extra={"repeat_penalty": 1.0})
-    lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc="distill", disable=not progress, dynamic_ncols=True)
-    start, written, tokens = time.time(), 0, 0
 
-    def answer(p: Prompt, f) -> None:
-        nonlocal written, tokens
+    def answer(p: Prompt, sink: _Sink) -> None:
         if deadline is not None and time.time() > deadline:
             return
         prompt_ids = chat_prompt_ids(tokenizer, p.text)
-        resp: list[int] = []
-        finished = False
-        it = engine.generate(prompt_ids, params)
-        try:
-            for t in it:
-                if t == eos or t in special:
-                    resp.append(eos)
-                    finished = True
-                    break
-                resp.append(t)
-                if len(resp) >= max_new_tokens:
-                    break
-        finally:
-            it.close()
-        rec = {**asdict(p), "prompt_ids": prompt_ids, "response_ids": resp, "finished": finished}
-        with lock:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            written += 1
-            tokens += len(resp)
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
+        with closing(engine.generate(prompt_ids, params)) as tokens:  # closing cancels the rest of the stream
+            sink.write(p, prompt_ids, *_take_answer(tokens, eos, special, max_new_tokens))
 
     try:
-        with out.open("a") as f, ThreadPoolExecutor(streams) as pool:
-            for fut in [pool.submit(answer, p, f) for p in todo]:
+        with _Sink(out, len(todo), progress) as sink, ThreadPoolExecutor(streams) as pool:
+            for fut in [pool.submit(answer, p, sink) for p in todo]:
                 fut.result()
     finally:
-        bar.close()
         engine.close()
-    return written
+    return sink.written
 
 
 def load_examples(path: str | Path, *, kinds: tuple[str, ...] | None = None) -> list[dict]:
