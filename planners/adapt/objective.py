@@ -196,11 +196,11 @@ def loss_fn(
     loss = diff
     stats = {"diff": float(diff.detach())}
     if certainty_weight > 0:
-        m = batch.masked.to(dev)
-        cert, n_right = certainty_loss(logits[m], batch.tgt.to(dev)[m], certainty_temperature)
+        # every target of a batch is a masked (or block-first) position: no (N, V) copy to select them
+        cert, n_right = certainty_loss(logits, batch.tgt.to(dev), certainty_temperature)
         loss = loss + certainty_weight * cert
         stats["cert"] = float(cert.detach())
-        stats["right"] = n_right / max(int(m.sum()), 1)
+        stats["right"] = n_right / max(len(batch.tgt), 1)
     if ar_weight > 0 and len(batch.ar_src):
         ar_logits, _ = logits_at(model, batch, batch.ar_src.to(dev), h)
         ar = F.cross_entropy(ar_logits.float(), batch.ar_tgt.to(dev))
