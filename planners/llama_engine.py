@@ -10,22 +10,35 @@ The sampler (`planners.sampler.denoise`) calls a planner model through one small
                                                      `valid` (B, L) (False = left padding)
     model(ids, attention_mask=, position_ids=,       logits (B, W, V) for the window [cache_start, cache_start + W)
           cache=, cache_start=, final=)              of the sequence; positions before `final` hold final tokens
+    model.sparse_logits                              True: the call also takes `outputs` (B, W) bool, the rows the
+                                                     caller reads; the others are not computed (zeros)
 
 How this engine makes block-causal attention (causal over the prompt; bidirectional inside a block of the span,
 causal across blocks: Fast-dLLM v2, arXiv 2509.26328) exact with llama.cpp's ordinary KV cache:
 - the KV cache holds only final tokens. Final positions are decoded once, clean: the prompt with causal attention,
   each final block of the span with non-causal attention over the cache (`llama_set_causal_attn`), so a block
   sees itself and everything before it, never what follows;
-- the current (partly masked) block is decoded with non-causal attention and logits for all its positions, then
-  its cells are removed again (`llama_memory_seq_rm`): the next step decodes it afresh with its new tokens;
+- the current (partly masked) block is decoded with non-causal attention, then its cells are removed again
+  (`llama_memory_seq_rm`): the next step decodes it afresh with its new tokens;
+- a block that has just become final and the next block's first step share one decode (the fold). Every row has
+  two sequence ids: its own (r) and a scratch one (S + r). Final cells carry both; the current block's tokens carry
+  only the scratch id. llama.cpp masks a query by one of its token's sequence ids, so when that is r for a final
+  token, the newly final block sees the cache and itself but not the block after it, and the current block (S + r)
+  sees all of them: block-causal attention in one non-causal decode, one pass of the weights instead of two.
+  Which of a token's ids the mask reads is llama.cpp's internal choice (the last one in the builds this was
+  written for), so the engine checks it once on the loaded model (`_fold_order`: the fold's logits against
+  two separate decodes) and does not fold if neither order is exact;
 - a shifted model's prediction for a block's first position is the previous position's logits, which are final
   once that position is: the engine keeps the last final position's logits and returns them in later windows.
 The sampler's prefix cache (`cache="prefix"`, the default for block-causal planners) asks for exactly these
 windows; with `cache="none"` there is no cache handle and the engine refuses.
 
-Rows of a batch are llama.cpp sequences (one seq id per row, padding skipped) in one unified KV cache.
+Rows of a batch are llama.cpp sequences (two seq ids per row, as above; padding skipped) in one unified KV cache.
 Logits of prompt positions other than the last are not computed (NaN): the sampler reads predictions only for
-the span, from `gen_start - 1` on. Each run (`new_cache`) holds its own llama.cpp context, taken from a pool of
+the span, from `gen_start - 1` on. Given `outputs` (the rows whose predictions the sampler will read: those of
+still-masked positions), the engine computes only those rows' logits, and the last final position's (the next
+block's shifted prediction); the vocabulary projection is a fifth of a pass for a 135M model.
+Each run (`new_cache`) holds its own llama.cpp context, taken from a pool of
 idle ones and given back when its cache is dropped, so concurrent runs do not share a KV cache; one run's calls
 come from one thread at a time (as the sampler makes them). Model loading goes through
 `realizers.llamacpp.model_params` (extra buffer types decided once per machine). Nothing here samples or tokenizes.
@@ -60,7 +73,7 @@ class _Context:
         p.n_ctx = n_ctx
         p.n_batch = n_ubatch
         p.n_ubatch = n_ubatch
-        p.n_seq_max = n_seq
+        p.n_seq_max = 2 * n_seq  # a row's own seq id and its scratch id (the module docstring)
         p.kv_unified = True  # one stream: rows are separated by seq ids; split_simple keeps a block in one ubatch
         p.n_threads = p.n_threads_batch = threads
         p.type_k = p.type_v = kv
@@ -72,7 +85,7 @@ class _Context:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq})")
         self.shape = (n_ctx, n_seq, n_ubatch)
         self.mem = ll.llama_get_memory(self.ctx)
-        self.batch = ll.llama_batch_init(n_ubatch, 0, 1)
+        self.batch = ll.llama_batch_init(n_ubatch, 0, 2)
         self.causal: bool | None = None
         self.threads = threads
 
@@ -163,6 +176,9 @@ class LlamaCppEngine:
         self.threads_fn: Callable[[], int] | None = None
         self.device = torch.device("cpu")
         self._idle: list[_Context] = []  # contexts of finished runs, reused by the next ones
+        self._own_first = False  # a final token's seq ids: (scratch, own); True: (own, scratch)
+        self._fold: bool | None = None  # whether folded decodes are exact here (checked on first use)
+        self._fold_lock = threading.Lock()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ contexts
@@ -199,16 +215,64 @@ class LlamaCppEngine:
         except Exception:  # noqa: BLE001
             pass
 
+    def fold_order(self) -> bool:
+        """Whether this build's attention mask lets the engine fold (module docstring), checked once: for each
+        order of a final token's two seq ids, a final block and the block after it in one decode must give the
+        final block's logits of a decode without the later block. Sets the order that is exact."""
+        if self._fold is None:
+            with self._fold_lock:
+                if self._fold is None:
+                    self._fold = self._check_fold()
+        return self._fold
+
+    def _check_fold(self) -> bool:
+        n = 4
+        toks = [(i * 7919) % (self.n_vocab - 200) + 100 for i in range(3 * n)]  # arbitrary ordinary tokens
+        ids = torch.tensor([toks])
+        pos = torch.arange(3 * n)[None]
+        valid = torch.ones(1, 3 * n, dtype=torch.bool)
+        cx = self._take_context(256, 1, 64)
+        try:
+
+            def finals(fold: bool) -> torch.Tensor:
+                self._ll.llama_memory_clear(cx.mem, True)
+                out = torch.full((1, 3 * n, self.n_vocab), float("nan"))
+                rows = _Rows(ids, pos, valid, 0, n, 2 * n, None)
+                cx.set_causal(True)
+                self._run_rows(cx, rows.tokens(0, n, keep=True), out, 0, split_rows=True)
+                cx.set_causal(False)
+                if fold:
+                    both = rows.join(rows.tokens(n, 2 * n, keep=True), rows.tokens(2 * n, 3 * n, keep=False))
+                    self._run_rows(cx, both, out, 0, split_rows=False)
+                else:
+                    self._run_rows(cx, rows.tokens(n, 2 * n, keep=True), out, 0, split_rows=False)
+                return out[0, n : 2 * n]
+
+            want = finals(False)
+            tol = 1e-3 * float(want.abs().max()) + 1e-4
+            for own_first in (False, True):
+                self._own_first = own_first
+                if float((finals(True) - want).abs().max()) <= tol:
+                    return True
+            self._own_first = False
+            return False
+        finally:
+            self._ll.llama_memory_clear(cx.mem, True)
+            self._give_back(cx)
+
     # ------------------------------------------------------------------ the interface
     def new_cache(self, valid: torch.Tensor, *, gen_start: int) -> LlamaCache:
         """Start a denoising run over sequences shaped like `valid` (B, L): clears the KV cache."""
         b, length = valid.shape
         block = self.config.block_size or 1
-        cx = self._take_context(b * length, b, min(self.max_ubatch, max(64, b * block)))
+        # room for a final block and the next one in one decode per row (the fold: module docstring)
+        cx = self._take_context(b * length, b, min(self.max_ubatch, max(64, 2 * b * block)))
         self._ll.llama_memory_clear(cx.mem, True)
         cache = LlamaCache(cx, valid.detach().to("cpu", torch.bool), gen_start)
         weakref.finalize(cache, self._give_back, cx)
         return cache
+
+    sparse_logits = True  # __call__ takes `outputs`: only the rows the caller reads are computed
 
     def __call__(
         self,
@@ -219,17 +283,20 @@ class LlamaCppEngine:
         cache: LlamaCache | None = None,
         cache_start: int = 0,
         final: int | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, W, V) float32 for positions [cache_start, cache_start + W); `attention_mask` is implied
-        by the layout (block-causal) and not read. Positions before `final` hold final tokens."""
+        by the layout (block-causal) and not read. Positions before `final` hold final tokens. `outputs` (B, W)
+        bool: the rows the caller reads (None: all); the others are zeros (without `outputs`, prompt rows other
+        than the last are NaN)."""
         if cache is None:
             raise ValueError(
                 "the llama.cpp planner engine needs the sampler's KV cache: use SamplerConfig.cache='prefix'"
             )
-        return self._window(ids, position_ids, cache, cache_start, final)
+        return self._window(ids, position_ids, cache, cache_start, final, outputs)
 
     # ------------------------------------------------------------------ the work
-    def _window(self, ids, position_ids, cache: LlamaCache, a: int, final: int | None) -> torch.Tensor:
+    def _window(self, ids, position_ids, cache: LlamaCache, a: int, final: int | None, outputs) -> torch.Tensor:
         b_rows, w = ids.shape
         b = a + w
         final = a if final is None else min(max(final, a), b)
@@ -245,20 +312,38 @@ class LlamaCppEngine:
         if position_ids is None:
             position_ids = torch.arange(a, b).expand(b_rows, w)
         pos = position_ids.detach().to("cpu", torch.long)
+        want = None if outputs is None else outputs.detach().to("cpu", torch.bool).expand(b_rows, w)
         valid = cache.valid[:, a:b]
-        out = torch.full((b_rows, w, self.n_vocab), float("nan"))
+        out = torch.full((b_rows, w, self.n_vocab), float("nan") if want is None else 0.0)
         if a < cache.final and cache.last_logits is not None:
             out[:, cache.final - 1 - a] = cache.last_logits
-        if final > cache.final:  # newly final positions: decode clean, keep their K/V
-            self._decode(cache.ctx, ids, pos, valid, a, cache.final, final, cache.gen_start, out)
+        g = cache.gen_start
+        newly = self._segments(cache.final, final, g) if final > cache.final else []  # become final now
+        current = self._segments(final, b, g) if b > final else []  # the current block: decoded, then dropped
+        if current and final < g:
+            raise NotImplementedError("the llama.cpp engine cannot fill masked positions inside the prompt")
+        # the last newly final block and a one-segment current block share a decode (the fold)
+        fold = bool(newly) and len(current) == 1 and not newly[-1][2] and not current[0][2] and self.fold_order()
+        rows = _Rows(ids, pos, valid, a, g, final, want)
+        for u, v, causal in newly[:-1] if fold else newly:
+            cache.ctx.set_causal(causal)
+            self._run_rows(cache.ctx, rows.tokens(u, v, keep=True), out, a, split_rows=causal)
+        if fold:
+            (u, v, _), (u2, v2, _) = newly[-1], current[0]
+            both = rows.join(rows.tokens(u, v, keep=True), rows.tokens(u2, v2, keep=False))
+            cache.ctx.set_causal(False)
+            self._run_rows(cache.ctx, both, out, a, split_rows=False)
+        else:
+            for u, v, causal in current:
+                cache.ctx.set_causal(causal)
+                self._run_rows(cache.ctx, rows.tokens(u, v, keep=False), out, a, split_rows=causal)
+        if final > cache.final:
             cache.final = final
             cache.last_logits = out[:, final - 1 - a].clone()
-        if b > final:  # the current block: decode, read, then drop its K/V
-            if final < cache.gen_start:
-                raise NotImplementedError("the llama.cpp engine cannot fill masked positions inside the prompt")
-            self._decode(cache.ctx, ids, pos, valid, a, final, b, cache.gen_start, out)
+        if current:
+            scratch = cache.ctx.shape[1]
             for r in range(b_rows):
-                self._ll.llama_memory_seq_rm(cache.ctx.mem, r, int(pos[r, final - a]), -1)
+                self._ll.llama_memory_seq_rm(cache.ctx.mem, scratch + r, int(pos[r, final - a]), -1)
         return out
 
     def _segments(self, s: int, e: int, gen_start: int) -> list[tuple[int, int, bool]]:
@@ -275,26 +360,10 @@ class LlamaCppEngine:
             s = end
         return segs
 
-    def _decode(self, cx: _Context, ids, pos, valid, a, s, e, gen_start, out) -> None:
-        """Decode positions [s, e) of every row (segment by segment) into the KV cache; logits into `out`."""
-        for u, v, causal in self._segments(s, e, gen_start):
-            want_all = not (causal and v <= gen_start)  # prompt: only its last position's logits are read
-            rows = []  # (row, [(t, token, pos, logits?)])
-            for r in range(ids.shape[0]):
-                toks = [
-                    (t, int(ids[r, t - a]), int(pos[r, t - a]), want_all or t == gen_start - 1)
-                    for t in range(u, v)
-                    if valid[r, t - a]
-                ]
-                if toks:
-                    rows.append((r, toks))
-            cx.set_causal(causal)
-            self._run_rows(cx, rows, out, a, split_rows=causal)
-
     def _run_rows(self, cx: _Context, rows, out, a, *, split_rows: bool) -> None:
         """Pack rows into llama_decode calls of at most n_ubatch tokens (a non-causal segment never splits)."""
         cap = cx.shape[2]
-        pending: list[tuple[int, int, int, int, bool]] = []  # (row, t, token, pos, logits?)
+        pending: list[tuple] = []  # (row, t, token, pos, logits?, keep?)
         for r, toks in rows:
             if not split_rows and len(toks) > cap:
                 raise ValueError(f"a block of {len(toks)} tokens exceeds the engine's ubatch of {cap}")
@@ -312,18 +381,23 @@ class LlamaCppEngine:
     def _flush(self, cx: _Context, items, out, a) -> None:
         ll, batch = self._ll, cx.batch
         cx.set_threads(max(1, int(self.threads_fn())) if self.threads_fn is not None else self.n_threads)
+        scratch = cx.shape[1]
         n = len(items)
-        for i, (r, _t, tok, p, lg) in enumerate(items):
+        for i, (r, _t, tok, p, lg, keep) in enumerate(items):
             batch.token[i] = tok
             batch.pos[i] = p
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = r
+            if keep:  # a final token: both ids, the one its query is masked by (the row's own) where llama.cpp reads it
+                batch.n_seq_id[i] = 2
+                batch.seq_id[i][0], batch.seq_id[i][1] = (r, scratch + r) if self._own_first else (scratch + r, r)
+            else:  # a token of the current block: the scratch id only (removed after the step)
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = scratch + r
             batch.logits[i] = lg
         batch.n_tokens = n
         rc = ll.llama_decode(cx.ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc} ({n} tokens)")
-        outs = [(r, t) for r, t, _tok, _p, lg in items if lg]
+        outs = [(r, t) for r, t, _tok, _p, lg, _k in items if lg]
         if not outs:
             return
         ptr = ll.llama_get_logits(cx.ctx)
@@ -331,6 +405,45 @@ class LlamaCppEngine:
         logits = torch.from_numpy(arr.copy())
         for k, (r, t) in enumerate(outs):
             out[r, t - a] = logits[k]
+
+
+@dataclass
+class _Rows:
+    """One window's tokens, per row, as `_run_rows` takes them: which positions to decode and whose logits."""
+
+    ids: torch.Tensor  # (B, W) on the host
+    pos: torch.Tensor  # (B, W)
+    valid: torch.Tensor  # (B, W) bool: False = padding, skipped
+    a: int  # the window's first position
+    gen_start: int
+    final: int  # positions before it are final after this call
+    want: torch.Tensor | None  # (B, W) bool: rows the caller reads (None: all)
+
+    def tokens(self, u: int, v: int, *, keep: bool) -> list[tuple[int, list[tuple]]]:
+        """[(row, [(t, token, pos, logits?, keep?)])] for positions [u, v); keep = a final token (stays cached).
+        Logits: the last prompt position; in the span, the rows the caller reads and the last final position."""
+        a, rows = self.a, []
+        for r in range(self.ids.shape[0]):
+            toks = []
+            for t in range(u, v):
+                if not self.valid[r, t - a]:
+                    continue
+                if t < self.gen_start:
+                    lg = t == self.gen_start - 1
+                else:
+                    lg = self.want is None or bool(self.want[r, t - a]) or t == self.final - 1
+                toks.append((t, int(self.ids[r, t - a]), int(self.pos[r, t - a]), lg, keep))
+            if toks:
+                rows.append((r, toks))
+        return rows
+
+    @staticmethod
+    def join(first, second) -> list[tuple[int, list[tuple]]]:
+        """Per row, `first`'s tokens then `second`'s (one non-causal decode per row)."""
+        merged: dict[int, list[tuple]] = {}
+        for r, toks in (*first, *second):
+            merged.setdefault(r, []).extend(toks)
+        return sorted(merged.items())
 
 
 def load_engine(

@@ -274,15 +274,35 @@ class _Run:
     generator: torch.Generator | None
 
 
-def _forward(run: _Run, x: torch.Tensor, win: Window, final: int) -> torch.Tensor:
+def _wanted(run: _Run, x: torch.Tensor, win: Window) -> torch.Tensor:
+    """(B, W) bool: the window rows whose predictions a step reads, those that predict a masked position (with
+    the shift, row p predicts p + 1; position 0 also reads row 0). The rest are final positions' predictions,
+    which nothing reads when neither remasking nor credit boosting looks back at committed tokens."""
+    a, b, sh = win.start, win.end, run.shift
+    masked = x == run.mask_id
+    want = torch.zeros(x.shape[0], b - a, dtype=torch.bool, device=x.device)
+    hi = min(b + sh, run.length)
+    want[:, : hi - a - sh] = masked[:, a + sh : hi]
+    if a == 0 and sh:
+        want[:, 0] |= masked[:, 0]
+    return want
+
+
+def _forward(run: _Run, x: torch.Tensor, win: Window, final: int, sparse: bool = False) -> torch.Tensor:
     """Logits (B, end - start, V) for the window; positions before `final` hold final tokens (engines that
     keep only final K/V use it). With CFG the unconditional rows (initially fixed tokens masked: LLaDA's
-    `prompt_index`) run in the same batch and are combined as un + (w + 1)(cond - un)."""
+    `prompt_index`) run in the same batch and are combined as un + (w + 1)(cond - un).
+    sparse: tell a model that computes only the rows asked for (`model.sparse_logits`, the llama.cpp engine)
+    which rows the step reads (`_wanted`); the others come back as zeros (finite statistics nobody reads)."""
     a, b = win.start, win.end
     ids = x[:, a:b]
     w = run.config.cfg_scale
     if w > 0:
         ids = torch.cat([ids, ids.masked_fill(run.uncond_fixed[:, a:b], run.mask_id)])
+    extra = {}
+    if sparse:
+        want = _wanted(run, x, win)
+        extra["outputs"] = want.repeat(2, 1) if w > 0 else want
     logits = run.model(
         ids,
         attention_mask=None if run.attn is None else run.attn[:, :, a:b],
@@ -290,6 +310,7 @@ def _forward(run: _Run, x: torch.Tensor, win: Window, final: int) -> torch.Tenso
         cache=run.cache,
         cache_start=a if run.cache is not None else 0,
         final=final,
+        **extra,
     )
     if w > 0:
         cond, un = logits.chunk(2)
@@ -436,6 +457,8 @@ def denoise(
             )
         delims = torch.tensor(ids, device=dev)
     window = cfg.adaptive_window or max(bl, cfg.gen_length // 4)
+    # models that compute only the rows asked for get told which (`_wanted`), unless a rule reads committed rows
+    sparse = bool(getattr(model, "sparse_logits", False)) and cfg.remask == "none" and boost is None and not adaptive
 
     by_sampler = torch.zeros_like(masked0)  # positions this run committed (remasking may revisit them)
     remasked_once = torch.zeros_like(masked0)
@@ -478,7 +501,7 @@ def denoise(
                 if (not counted or inside) and not bool(blk_masked.any()):  # the block is done (host read)
                     break
             win = window_fn(refresh=i == 0, lo=lo, hi=hi, length=length, shift=shift, causal=run.causal, fresh=fresh)
-            logits = _forward(run, x, win, lo)
+            logits = _forward(run, x, win, lo, sparse)
             if cache is not None and i == 0:
                 fresh = lo  # this refresh recomputed [fresh, lo) from final tokens
             look = None
@@ -534,10 +557,13 @@ def denoise(
                     by_sampler[:, lo:hi] &= ~remasked
             per_step.append(commit.sum(-1))
             if rec is not None:
+                # x0-hat reads predictions of masked positions only: none lie before the block (they are final)
                 pl, ph = _predicted_span(run, win)
-                if (pl, ph) == (lo, hi) and cfg.temperature == 0 and boost is None:  # the step's own statistics
-                    rec.observe(pl, ph, st.token, st.entropy)
-                elif ph > pl:
+                pl = max(pl, lo)
+                if pl == lo and ph >= hi and cfg.temperature == 0 and boost is None:  # the step's own statistics
+                    rec.observe(lo, hi, st.token, st.entropy)
+                    pl = hi  # what the window predicts past the block
+                if ph > pl:
                     greedy = stats_fn(_aligned(logits, win.start, pl, ph, shift), exclude_ids=run.exclude)
                     rec.observe(pl, ph, greedy.token, greedy.entropy)
                 after = x[:, gen_start:]

@@ -156,6 +156,59 @@ def test_window_logits_match_torch(engine, tiny_lora, smol_tokenizer):
         fresh = lo
 
 
+def _fold_window(engine, x, g):
+    """The prompt and first block final, then the second block becomes final while the third is decoded (one
+    folded decode when the engine folds): the window's logits."""
+    cache = engine.new_cache(torch.ones_like(x, dtype=torch.bool), gen_start=g)
+    engine(x[:, : g + 8], cache=cache, cache_start=0, final=g)
+    return engine(x[:, g : g + 16], cache=cache, cache_start=g, final=g + 8)
+
+
+def test_fold_is_exact_and_the_check_tells_the_orders_apart(engine, tiny_lora, smol_tokenizer):
+    """A newly final block and the next block's first step share one decode (two seq ids per row). The engine's
+    check finds the seq-id order that is exact on this llama.cpp build; the other order lets the final block see
+    the block after it, and the check's comparison sees that."""
+    from planners.model import attention_mask
+
+    assert engine.fold_order(), "this llama.cpp build masks neither seq id order exactly: the engine cannot fold"
+    ids = list(_prompts(smol_tokenizer)[0])
+    g = len(ids)
+    x = torch.tensor([ids + torch.randint(100, 5000, (16,), generator=torch.Generator().manual_seed(1)).tolist()])
+    x[0, g + 12] = 16
+    attn = attention_mask(torch.ones_like(x, dtype=torch.bool), pattern="block_causal", gen_start=g, block_size=8)
+    with torch.no_grad():
+        ref = tiny_lora(x, attention_mask=attn).float()[:, g : g + 16]
+    torch.testing.assert_close(_fold_window(engine, x, g), ref, atol=2e-4, rtol=1e-4)
+    right = engine._own_first
+    try:
+        engine._own_first = not right
+        wrong = _fold_window(engine, x, g)
+        assert (wrong[:, :8] - ref[:, :8]).abs().max() > 1e-2  # the final block saw the block after it
+    finally:
+        engine._own_first = right
+
+
+def test_sparse_outputs_compute_only_the_rows_asked_for(engine, smol_tokenizer):
+    """`outputs`: the rows asked for are the full call's logits, exactly; the others are zeros."""
+    ids = list(_prompts(smol_tokenizer)[0])
+    g = len(ids)
+    x = torch.tensor([ids + torch.randint(100, 5000, (16,), generator=torch.Generator().manual_seed(2)).tolist()])
+    full = _fold_window(engine, x, g)
+    want = torch.zeros(1, 16, dtype=torch.bool)
+    want[0, [3, 9, 10, 14]] = True
+    cache = engine.new_cache(torch.ones_like(x, dtype=torch.bool), gen_start=g)
+    engine(x[:, : g + 8], cache=cache, cache_start=0, final=g)
+    got = engine(x[:, g : g + 16], cache=cache, cache_start=g, final=g + 8, outputs=want)
+    torch.testing.assert_close(got[want], full[want], rtol=0, atol=0)
+    # the last final position (row 7) is always computed: the next block's first prediction, kept by the engine
+    torch.testing.assert_close(got[:, 7], full[:, 7], rtol=0, atol=0)
+    skipped = ~want
+    skipped[0, 7] = False
+    assert not got[skipped].any()
+    nxt = engine(x[:, g + 7 : g + 16], cache=cache, cache_start=g + 7, final=g + 8)
+    torch.testing.assert_close(nxt[:, 0], full[:, 7], rtol=0, atol=0)
+
+
 def test_interleaved_runs_keep_their_own_cache(engine, smol_tokenizer):
     """Two denoising runs in flight on one engine (two threads' plans) each hold their own llama.cpp context."""
     p0, p1 = _prompts(smol_tokenizer)
@@ -177,6 +230,7 @@ def test_interleaved_runs_keep_their_own_cache(engine, smol_tokenizer):
     [
         dict(commit="static"),
         dict(commit="threshold"),
+        dict(commit="learned", threshold=0.5),  # the product's default rule
         dict(commit="factor", factor=2.0, boost="credit", eos_early_stop="inside"),
         # adaptive blocks split training blocks: the engine's blocks follow the sampler's, as torch's attention does
         dict(commit="threshold", blocks="adaptive", delimiter_ids=tuple(range(0, 49152, 3)), delimiter_threshold=0.01),
