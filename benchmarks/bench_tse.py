@@ -125,12 +125,12 @@ def tiny_planner(gen_length: int):
     c = BackboneConfig(
         arch="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
         num_kv_heads=2, mask_token_id=16, eos_token_id=tok.eos_token_id, tie_word_embeddings=True, shift=True,
-        attention="block_causal", block_size=4, learned_mask_embedding=True, max_position_embeddings=2048,
+        attention="block_causal", block_size=8, learned_mask_embedding=True, max_position_embeddings=2048,
     )  # fmt: skip
     m = DiffusionBackbone(c)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    cfg = SamplerConfig(gen_length=gen_length, steps=gen_length, block_length=4, record_trajectory=True)
+    cfg = SamplerConfig(gen_length=gen_length, steps=gen_length, block_length=8, record_trajectory=True)
     return Planner(m.eval(), tok, cfg, name="tiny-random")
 
 

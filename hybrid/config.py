@@ -121,7 +121,7 @@ class PlannerSettings(_Section):
         48, ge=1, le=4096, description="denoising step budget (a cap for dynamic commits); diffusion mode scales it"
     )
     block_length: int = Field(
-        4,
+        8,
         ge=1,
         le=4096,
         description="semi-autoregressive block length; a block-causal planner needs its training block size",
@@ -144,7 +144,7 @@ class PlannerSettings(_Section):
     schedule: str = Field("llada", description="tokens per step of counted commits (static, dilated): llada | dream")
     schedule_eps: float = Field(1e-3, description="schedule=dream: the final timestep, in (0, 1)")
     threshold: float = Field(
-        0.85,
+        0.95,
         description="commit=threshold: tau in the confidence's units (a probability in (0, 1]; nats for "
         "confidence=entropy); commit=learned: the P(final) cut-off",
     )

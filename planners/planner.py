@@ -434,8 +434,8 @@ def default_sampler_for(model: DiffusionBackbone) -> SamplerConfig:
         gen_length=max(block, 48 // block * block),
         steps=48,
         block_length=block,
-        commit="learned",  # the shipped commit policy at P(final) >= 0.85 (benchmarks/README.md, "Tokens per pass")
-        threshold=0.85,
+        commit="learned",  # the shipped commit policy at P(final) >= 0.95 (benchmarks/README.md, "Tokens per pass")
+        threshold=0.95,
         record_trajectory=True,
         cache="prefix" if c.attention != "full" else "none",  # exact for (block-)causal attention
     )

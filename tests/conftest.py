@@ -59,14 +59,11 @@ def tiny_planner(smol_tokenizer):
     from planners.planner import Planner
     from planners.sampler import SamplerConfig
 
-    # blocks of 4, as the shipped planner and the configuration's default (planner.block_length)
-    model = tiny_llama_backbone(
-        len(smol_tokenizer), mask_token_id=16, eos_token_id=smol_tokenizer.eos_token_id, block_size=4
-    )
+    model = tiny_llama_backbone(len(smol_tokenizer), mask_token_id=16, eos_token_id=smol_tokenizer.eos_token_id)
     return Planner(
         model,
         smol_tokenizer,
-        SamplerConfig(gen_length=16, steps=16, block_length=4, record_trajectory=True),
+        SamplerConfig(gen_length=16, steps=16, block_length=8, record_trajectory=True),
         name="tiny",
     )
 

@@ -109,7 +109,7 @@ def _ctx(planner, realizer):
             "planner.gen_length": 16,
             "planner.answer_length": 16,
             "planner.steps": 16,
-            "planner.block_length": 4,
+            "planner.block_length": 8,
             "realizer.max_tokens": 8,
             "score.clusterer": "exact",
             "revise.max_revisions": 1,
@@ -202,11 +202,11 @@ def test_cli_ar_only_and_errors(tmp_path, capsys):
 
 def test_check_steps_names_the_problem(tiny_planner):
     ctx = _ctx(tiny_planner, None)
-    compare.check_steps(ctx, [4, 8, 16])
-    with pytest.raises(ValueError, match="invalid --steps: 2 "):
-        compare.check_steps(ctx, [2, 16])  # fewer steps than the 4 blocks
-    ctx.config.planner.answer_length = 64  # diffusion mode: 16 blocks, steps scaled by 4
-    compare.check_steps(ctx, [4], ["diffusion"])
+    compare.check_steps(ctx, [2, 8, 16])
+    with pytest.raises(ValueError, match="invalid --steps: 1 "):
+        compare.check_steps(ctx, [1, 16])  # fewer steps than the 2 blocks
+    ctx.config.planner.answer_length = 64  # diffusion mode: 8 blocks, steps scaled by 4
+    compare.check_steps(ctx, [2], ["diffusion"])
     ctx.config.planner.commit = "static"  # steps % blocks == 0; the request's config, never the loaded planner
-    with pytest.raises(ValueError, match="invalid --steps: 5 .*multiple of the number of blocks"):
-        compare.check_steps(ctx, [5], ["diffusion"])
+    with pytest.raises(ValueError, match="invalid --steps: 3 .*multiple of the number of blocks"):
+        compare.check_steps(ctx, [3], ["diffusion"])

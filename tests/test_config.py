@@ -148,7 +148,7 @@ def test_all_new_rules_together_from_a_yaml_file(tmp_path):
     assert (s.blocks, s.delimiter_threshold, s.adaptive_window, s.delimiter_ids) == ("adaptive", 0.5, 16, (13, 198))
     assert (s.eos_early_stop, s.remask, s.precision, s.schedule) == ("any", "low_confidence", "float64", "dream")
     # the product defaults stay
-    assert (s.cache, s.gen_length, s.steps, s.block_length, s.seed) == ("prefix", 48, 48, 4, 0)
+    assert (s.cache, s.gen_length, s.steps, s.block_length, s.seed) == ("prefix", 48, 48, 8, 0)
     d = sampler_config(HybridConfig.load(f), "diffusion")  # diffusion mode: same rules, the answer's length
     assert (d.commit, d.blocks, d.gen_length, d.steps) == ("factor", "adaptive", 96, 96)
 

@@ -24,7 +24,7 @@ def _ctx(planner, realizer, **overrides):
         "planner.gen_length": 16,
         "planner.answer_length": 24,
         "planner.steps": 16,
-        "planner.block_length": 4,
+        "planner.block_length": 8,
         "realizer.max_tokens": 12,
         "score.clusterer": "exact",
         # routing and streaming tests: accept on TSE, the random planner's repetitive drafts not rejected as

@@ -337,12 +337,12 @@ def test_shipped_planner_same_plans_on_f32_gguf(engine_probe):
     from planners.planner import Planner
     from planners.sampler import SamplerConfig
 
-    cfg = SamplerConfig(gen_length=16, steps=16, block_length=4, commit="threshold", cache="prefix")
+    cfg = SamplerConfig(gen_length=16, steps=16, block_length=8, commit="threshold", cache="prefix")
     t = Planner.load(engine="torch", sampler=cfg, device="cpu")
     lc = Planner.load(engine="llama_cpp", engine_weights="f32", sampler=cfg, device="cpu", threads=1)
     try:
         for q in ("How do I make a cup of tea?", "What is the difference between a lake and a sea?"):
-            for c in (cfg, dataclasses.replace(cfg, commit="static"), dataclasses.replace(cfg, commit="learned")):
+            for c in (cfg, dataclasses.replace(cfg, commit="static")):
                 assert lc.plan(q, config=c).span == t.plan(q, config=c).span
     finally:
         lc.model.close()

@@ -181,7 +181,7 @@ def test_different_settings_are_not_batched_together(served_diffusion):
         ({"threshold": 2.0}, "hybrid_planner.threshold", "hybrid_planner.threshold must be a probability in (0, 1]"),
         ({"boost": "more"}, "hybrid_planner.boost", "choose one of: none, credit"),
         ({"factor": "big"}, "hybrid_planner.factor", "valid number"),
-        ({"block_length": 16}, "hybrid_planner.block_length", "trained on blocks of 4"),
+        ({"block_length": 16}, "hybrid_planner.block_length", "trained on blocks of 8"),
         ({"answer_length": 2048}, "messages", "the planner's context leaves room for 0"),
         ("factor", "hybrid_planner", "valid dictionary"),
     ],

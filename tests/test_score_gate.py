@@ -14,7 +14,7 @@ from planners.trajectory import Trajectory, TrajectoryStep
 
 
 def _ctx(planner, realizer, **overrides):
-    base = {"planner.gen_length": 16, "planner.answer_length": 16, "planner.steps": 16, "planner.block_length": 4,
+    base = {"planner.gen_length": 16, "planner.answer_length": 16, "planner.steps": 16, "planner.block_length": 8,
             "realizer.max_tokens": 8, "score.clusterer": "exact"}  # fmt: skip
     base.update(overrides)
     return HybridContext(config=HybridConfig.load(**base), planner=planner, realizer=realizer)

@@ -28,7 +28,7 @@ def _ctx(planner, realizer, **overrides) -> HybridContext:
         "planner.gen_length": 24,
         "planner.answer_length": 24,
         "planner.steps": 24,
-        "planner.block_length": 4,
+        "planner.block_length": 8,
         "realizer.max_tokens": 8,
         "score.clusterer": "exact",
         "score.tse_threshold": 1e9,  # the tiny random planner's drafts are accepted, degenerate or not

@@ -57,9 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-distill", action="store_true", help="train on the examples already in --out/data")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--mask-token-id", type=int, default=None, help="default: SmolLM2's <empty_output> (16)")
-    p.add_argument(
-        "--block-size", type=int, default=4, help="attention block (the shipped planner's: 4, planner.block_length)"
-    )
+    p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-budget", type=int, default=2048)
