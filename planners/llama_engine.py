@@ -477,4 +477,6 @@ def load_engine(
         progress=progress,
     )
     # the config is the torch model's (what the export was keyed by): no need to parse the GGUF's metadata
-    return LlamaCppEngine(path, n_threads=threads, extra_bufts=extra_bufts, config=model.config)
+    engine = LlamaCppEngine(path, n_threads=threads, extra_bufts=extra_bufts, config=model.config)
+    engine.fold_order()  # the one-time check (~0.2 s) at load, not in the first plan's time
+    return engine

@@ -85,3 +85,22 @@ def test_untrained_planner_only_when_asked():
     p = Planner.load(None, adapter="none")
     assert "untrained" in p.name
     assert "untrained" not in Planner.load(None).name
+
+
+def test_blocks4_adapter_plans_through_the_product_settings():
+    """The optional blocks-of-4 adapter (planners/weights/): its settings load it and it plans in blocks of 4; with
+    the default block length the setup error says what to set."""
+    from pathlib import Path
+
+    from hybrid.runtime import SetupError, build_planner, sampler_config
+
+    path = Path(__file__).resolve().parents[1] / "planners" / "weights" / "smollm2-planner-blocks4.safetensors"
+    over = {"planner.adapter": str(path), "planner.engine": "torch", "planner.gen_length": 16, "planner.steps": 16}
+    with pytest.raises(SetupError, match="set planner.block_length=4"):
+        build_planner(HybridConfig.load(**over))
+    cfg = HybridConfig.load(**over, **{"planner.block_length": 4, "planner.threshold": 0.85})
+    planner = build_planner(cfg)
+    assert planner.model.config.block_size == 4
+    r = planner.plan("How do I make a cup of tea?", config=sampler_config(cfg))
+    assert len(r.span) == 16 and r.text.strip()
+    assert {s.block for s in r.trajectory.steps} == {0, 1, 2, 3}  # four blocks of 4
