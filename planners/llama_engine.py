@@ -26,7 +26,7 @@ causal across blocks: Fast-dLLM v2, arXiv 2509.26328) exact with llama.cpp's ord
   token, the newly final block sees the cache and itself but not the block after it, and the current block (S + r)
   sees all of them: block-causal attention in one non-causal decode, one pass of the weights instead of two.
   Which of a token's ids the mask reads is llama.cpp's internal choice (the last one in the builds this was
-  written for), so the engine checks it once on the loaded model (`_fold_order`: the fold's logits against
+  written for), so the engine checks it once on the loaded model (`fold_order`: the fold's logits against
   two separate decodes) and does not fold if neither order is exact;
 - a shifted model's prediction for a block's first position is the previous position's logits, which are final
   once that position is: the engine keeps the last final position's logits and returns them in later windows.
@@ -82,12 +82,17 @@ class _Context:
         self.ll = ll
         self.ctx = ll.llama_init_from_model(model, p)
         if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq})")
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={2 * n_seq})")
         self.shape = (n_ctx, n_seq, n_ubatch)
         self.mem = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(n_ubatch, 0, 2)
         self.causal: bool | None = None
         self.threads = threads
+
+    @property
+    def scratch(self) -> int:
+        """Row r's scratch seq id is scratch + r (the module docstring's S)."""
+        return self.shape[1]
 
     def set_threads(self, n: int) -> None:
         if n != self.threads:
@@ -341,7 +346,7 @@ class LlamaCppEngine:
             cache.final = final
             cache.last_logits = out[:, final - 1 - a].clone()
         if current:
-            scratch = cache.ctx.shape[1]
+            scratch = cache.ctx.scratch
             for r in range(b_rows):
                 self._ll.llama_memory_seq_rm(cache.ctx.mem, scratch + r, int(pos[r, final - a]), -1)
         return out
@@ -381,7 +386,7 @@ class LlamaCppEngine:
     def _flush(self, cx: _Context, items, out, a) -> None:
         ll, batch = self._ll, cx.batch
         cx.set_threads(max(1, int(self.threads_fn())) if self.threads_fn is not None else self.n_threads)
-        scratch = cx.shape[1]
+        scratch = cx.scratch
         n = len(items)
         for i, (r, _t, tok, p, lg, keep) in enumerate(items):
             batch.token[i] = tok

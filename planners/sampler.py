@@ -279,12 +279,11 @@ def _wanted(run: _Run, x: torch.Tensor, win: Window) -> torch.Tensor:
     the shift, row p predicts p + 1; position 0 also reads row 0). The rest are final positions' predictions,
     which nothing reads when neither remasking nor credit boosting looks back at committed tokens."""
     a, b, sh = win.start, win.end, run.shift
-    masked = x == run.mask_id
     want = torch.zeros(x.shape[0], b - a, dtype=torch.bool, device=x.device)
     hi = min(b + sh, run.length)
-    want[:, : hi - a - sh] = masked[:, a + sh : hi]
+    want[:, : hi - a - sh] = x[:, a + sh : hi] == run.mask_id
     if a == 0 and sh:
-        want[:, 0] |= masked[:, 0]
+        want[:, 0] |= x[:, 0] == run.mask_id
     return want
 
 
