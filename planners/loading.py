@@ -258,13 +258,76 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Dequantise a Llama-family GGUF through transformers (weights arrive as float32)."""
-    from realizers.gguf_weights import load_gguf_model
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
-    model = load_gguf_model(gguf_file, torch.float32)
-    hf = model.config.to_dict()
-    state = {k: v for k, v in model.state_dict().items()}
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's interleaved rope rows -> Hugging Face's rotate-half rows, per head (the inverse of
+    `planners.export_gguf._permute`, as transformers does when it reads a GGUF)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a llama-architecture GGUF with the `gguf` package alone: its metadata as a Hugging Face config dict,
+    its tensors dequantised to float32 under Hugging Face names (q / k rows back in rotate-half order).
+    No transformers: the same code reads it wherever `gguf` and numpy are installed."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    r = GGUFReader(str(gguf_file))
+
+    def meta(key: str, default: Any = None) -> Any:
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_file}: GGUF architecture {arch!r}; the native reader reads 'llama' GGUFs")
+    n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
+    state: dict[str, torch.Tensor] = {}
+    for t in r.tensors:
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32", copy=False).copy())
+        if t.name == "token_embd.weight":
+            state["model.embed_tokens.weight"] = w
+        elif t.name == "output_norm.weight":
+            state["model.norm.weight"] = w
+        elif t.name == "output.weight":
+            state["lm_head.weight"] = w
+        else:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+            if not m or m.group(2) not in _GGUF_BLOCK:
+                continue  # e.g. rope_freqs: derived from the config
+            if m.group(2) in ("attn_q", "attn_k"):
+                w = _unpermute(w, n_head if m.group(2) == "attn_q" else n_kv)
+            state[f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"] = w
+    emb = state["model.embed_tokens.weight"]
+    hf = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(meta("llama.vocab_size", emb.shape[0])),
+        "hidden_size": int(meta("llama.embedding_length")),
+        "intermediate_size": int(meta("llama.feed_forward_length")),
+        "num_hidden_layers": int(meta("llama.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "rope_theta": float(meta("llama.rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(meta("llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(meta("llama.context_length", 4096)),
+        "tie_word_embeddings": "lm_head.weight" not in state,
+        "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
+        "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
+    }
     return hf, state
 
 
@@ -388,7 +451,7 @@ def save_adapter(model: DiffusionBackbone, path: str | os.PathLike, *, meta: dic
     """Write the trained adapter (LoRA + mask embedding) as safetensors + a sidecar JSON config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.adapter_state_dict().items()}, str(path))
+    save_file({k: v.cpu().contiguous() for k, v in model.adapter_state_dict().items()}, str(path))
     c = model.config
     backbone = {
         k: getattr(c, k)

@@ -1,6 +1,7 @@
-"""GGUF dequantisation has one spelling (`realizers.gguf_weights`): the planner's GGUF loader and the cached
-Hugging Face directory of `planners.assets` (which the transformers realizer and the local vLLM preparation
-build the same way) hold identical weights, from the packaged SmolLM2 GGUF."""
+"""GGUF dequantisation: the planner's native GGUF reader (`planners.loading`, the gguf package alone) and the
+cached Hugging Face directory of `planners.assets` (transformers' reader, `realizers.gguf_weights`, which the
+transformers realizer and the local vLLM preparation use too) hold identical weights, from the packaged SmolLM2
+GGUF."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def test_every_loader_gets_the_same_dequantised_weights(smol_dir, smol_tokenizer
     from realizers.gguf_weights import load_gguf_tokenizer
 
     gguf = packaged_gguf_path()
-    hf, state = _state_from_gguf(gguf)  # planners.loading -> load_gguf_model
+    hf, state = _state_from_gguf(gguf)  # planners.loading: the gguf package's dequantisation
     cached = load_file(str(smol_dir / "model.safetensors"))  # planners.assets -> load_gguf_model, saved
     assert hf["model_type"] == "llama" and cached
     for name, tensor in cached.items():

@@ -102,6 +102,16 @@ def test_export_round_trips(tiny_lora, tiny_gguf):
     np.testing.assert_array_equal(got["output.weight"], tiny_lora.embed_tokens.weight.detach().numpy())
     c = read_backbone_config(tiny_gguf)
     assert c == tiny_lora.config
+    # and back: the native GGUF reader (planners.loading, the gguf package alone) undoes the rope permutation
+    from planners.loading import _state_from_gguf
+
+    hf, state = _state_from_gguf(tiny_gguf)
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], merged.detach())
+    k = blk.k_proj
+    k_merged = (k.base.weight + k.scale * k.lora_b @ k.lora_a).detach()
+    assert torch.equal(state["model.layers.0.self_attn.k_proj.weight"], k_merged)
+    assert (hf["num_attention_heads"], hf["num_key_value_heads"]) == (c.num_heads, c.num_kv_heads)
+    assert hf["num_hidden_layers"] == c.num_layers and not hf["tie_word_embeddings"]
 
 
 def test_export_carries_the_tokenizer(tiny_gguf):

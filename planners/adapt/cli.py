@@ -3,6 +3,8 @@
     python -m planners.adapt --out runs/adapt --minutes 60 --data-size 2000        # the real thing
     python -m planners.adapt --out runs/adapt --resume --deadline 18:35            # continue, stop by a clock time
     python -m planners.adapt --out /tmp/smoke --smoke                              # tiny random model, seconds
+    python -m planners.adapt --out runs/gpu --device cuda --samples-per-prompt 4 --temperature 0.7 --minutes 8
+                                                        # on a GPU: the torch teacher distils in batches, bf16
 
 Layout of --out: data/{train,heldout}.jsonl (distilled, resumable), checkpoint.pt, best_adapter.pt,
 adapter.safetensors + adapter.json (the result), history.json, train.log. `--ship PATH` also writes the
@@ -47,7 +49,11 @@ def _deadline(text: str | None) -> float | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m planners.adapt", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="run directory (data, checkpoints, adapter)")
-    p.add_argument("--base", default=None, help="AR checkpoint directory (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="AR checkpoint: a directory or a .gguf file (default: the packaged SmolLM2-135M-Instruct GGUF)",
+    )
     p.add_argument("--minutes", type=float, default=60.0, help="training wall-time budget (the LR schedule's clock)")
     p.add_argument("--deadline", default=None, help="stop everything at this clock time (HH:MM) or epoch seconds")
     p.add_argument("--max-steps", type=int, default=None)
@@ -60,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--token-budget", type=int, default=2048)
+    p.add_argument("--token-budget", type=int, default=2048, help="real tokens per batch (both copies count)")
+    p.add_argument("--max-rows", type=int, default=16, help="rows per batch at most")
     p.add_argument("--ar-weight", type=float, default=0.0)
     p.add_argument(
         "--certainty-weight",
@@ -76,13 +83,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep", choices=["best", "last"], default="best", help="adapter to write: best held-out accuracy, or last"
     )
     p.add_argument("--streams", type=int, default=16, help="prompts distilled at once (batched llama.cpp engine)")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--teacher",
+        choices=["auto", "llama_cpp", "torch"],
+        default="auto",
+        help="who writes the training answers: llama_cpp (the packaged GGUF; fastest on a CPU) or torch (the "
+        "native backbone in batches; for a GPU). auto: torch on a GPU, else llama_cpp",
+    )
+    p.add_argument("--distill-batch", type=int, default=128, help="torch teacher: prompts per batch")
+    p.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="torch teacher: training answers per prompt (> 1 needs --temperature > 0); held-out answers stay greedy",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="torch teacher: sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="torch teacher: nucleus when sampling")
     p.add_argument("--clean", choices=["block_causal", "causal"], default="block_causal")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-minutes", type=float, default=None)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 is far faster on a contended CPU)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU (adapter stays float32)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast (adapter stays float32); default: on for a GPU, off on a CPU",
+    )
     p.add_argument("--eval-rows", type=int, default=None, help="held-out rows for periodic evals (default all)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -106,7 +135,23 @@ def export_adapter(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.
     return dst
 
 
-def hardware(threads: int, bf16: bool) -> str:
+def pick_device(name: str) -> torch.device:
+    """`--device`: auto = the first CUDA device when torch sees one, else the CPU; a named CUDA device that is
+    not there is an error, not a silent fall back to the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"planners.adapt: --device {name}, but torch sees no CUDA device (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"planners.adapt: --device {name}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def hardware(threads: int, bf16: bool, device: torch.device | None = None) -> str:
+    dtype = "bf16 autocast" if bf16 else "fp32"
+    if device is not None and device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}, {dtype}"
     name = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -115,7 +160,6 @@ def hardware(threads: int, bf16: bool) -> str:
                 break
     except OSError:
         pass
-    dtype = "bf16 autocast" if bf16 else "fp32"
     return f"CPU {name}, {os.cpu_count()} cores visible, {threads} torch thread(s), {dtype}"
 
 
@@ -160,36 +204,83 @@ def _rows(examples: list[dict], block_size: int, eos: int) -> list[tuple[list[in
     return rows
 
 
-def prepare_data(a: argparse.Namespace, base: Path, log) -> tuple[list[dict], list[dict], dict]:
+def base_tokenizer(base: Path):
+    """The tokenizer of a checkpoint directory, or the one written in a .gguf file."""
+    if base.is_file() and base.suffix == ".gguf":
+        from realizers.gguf_weights import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(base)
     from transformers import AutoTokenizer
 
-    from planners.adapt.data import distill, load_examples, make_prompts
+    return AutoTokenizer.from_pretrained(str(base))
+
+
+def teacher_of(a: argparse.Namespace, device: torch.device) -> str:
+    return a.teacher if a.teacher != "auto" else ("torch" if device.type == "cuda" else "llama_cpp")
+
+
+def prepare_data(a: argparse.Namespace, base: Path, log, device: torch.device) -> tuple[list[dict], list[dict], dict]:
+    from planners.adapt.data import distill, distill_torch, load_examples, make_prompts
     from planners.assets import smollm2_gguf_path
 
     data = Path(a.out) / "data"
     prompts = make_prompts(a.seed)
-    tok = AutoTokenizer.from_pretrained(str(base))
+    tok = base_tokenizer(base)
+    teacher = teacher_of(a, device)
     if not a.no_distill:
         deadline = time.time() + a.distill_minutes * 60 if a.distill_minutes else None
         if a.deadline:
             deadline = min(deadline or float("inf"), _deadline(a.deadline))
-        gguf = smollm2_gguf_path()
+        model = None
         for split, want in (("heldout", a.heldout_size), ("train", a.data_size)):
             path = data / f"{split}.jsonl"
             have = len(load_examples(path)) if path.exists() else 0
-            if have < want:
+            if have >= want:
+                continue
+            if teacher == "llama_cpp":
+                gguf = base if base.suffix == ".gguf" else smollm2_gguf_path()
                 log(f"distilling {want - have} {split} answers with {gguf.name} (max {a.max_new_tokens} tokens)")
                 distill(
                     prompts[split], path, gguf_path=gguf, tokenizer=tok, max_new_tokens=a.max_new_tokens,
                     n_threads=a.threads, limit=want - have, deadline=deadline, progress=not a.no_progress,
                     streams=a.streams,
                 )  # fmt: skip
+                continue
+            if model is None:
+                from planners.loading import load_backbone
+
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                model = load_backbone(base, mask_token_id=16).to(device, dtype).eval()
+            samples = a.samples_per_prompt if split == "train" else 1  # held-out answers stay greedy
+            temp = a.temperature if split == "train" else 0.0
+            log(
+                f"distilling {want - have} {split} answers with the torch teacher on {device} (batches of "
+                f"{a.distill_batch}, {samples} per prompt, temperature {temp}, max {a.max_new_tokens} tokens)"
+            )
+            distill_torch(
+                prompts[split], path, model=model, tokenizer=tok, max_new_tokens=a.max_new_tokens,
+                batch_size=a.distill_batch, samples=samples, temperature=temp, top_p=a.top_p, seed=a.seed,
+                limit=want - have, deadline=deadline, progress=not a.no_progress,
+            )  # fmt: skip
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     train_ex = load_examples(data / "train.jsonl")[: a.data_size]
     held_ex = load_examples(data / "heldout.jsonl")[: a.heldout_size]
-    return train_ex, held_ex, data_stats(train_ex, held_ex, prompts, a.seed)
+    return train_ex, held_ex, data_stats(train_ex, held_ex, prompts, a.seed, teacher_note(a, teacher))
 
 
-def data_stats(train_ex: list[dict], held_ex: list[dict], prompts: dict, seed: int) -> dict:
+def teacher_note(a: argparse.Namespace, teacher: str) -> str:
+    if teacher == "llama_cpp":
+        return f"SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy, max {a.max_new_tokens} new tokens"
+    how = "greedy" if a.temperature <= 0 else f"temperature {a.temperature}, top-p {a.top_p}"
+    return (
+        f"SmolLM2-135M-Instruct (the GGUF dequantised) in torch, {a.samples_per_prompt} per prompt, {how} "
+        f"(held-out: greedy), max {a.max_new_tokens} new tokens"
+    )
+
+
+def data_stats(train_ex: list[dict], held_ex: list[dict], prompts: dict, seed: int, teacher: str | None = None) -> dict:
     return {
         "prompt_set": f"planners.adapt.data.make_prompts(seed={seed}): {len(prompts['train'])} train / "
         f"{len(prompts['heldout'])} held-out prompts (held out by topic)",
@@ -199,7 +290,8 @@ def data_stats(train_ex: list[dict], held_ex: list[dict], prompts: dict, seed: i
         "mean_response_tokens": round(sum(len(e["response_ids"]) for e in train_ex) / max(len(train_ex), 1), 1),
         "finished_fraction": round(sum(bool(e.get("finished")) for e in train_ex) / max(len(train_ex), 1), 3),
         "kinds": dict(Counter(e.get("kind") for e in train_ex)),
-        "teacher": "SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy, max 96 new tokens",
+        "unique_train_prompts": len({e["text"] for e in train_ex}),
+        "teacher": teacher or "SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy, max 96 new tokens",
     }
 
 
@@ -221,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"planners.adapt {' '.join(argv if argv is not None else sys.argv[1:])}")
     torch.set_num_threads(a.threads)
+    device = pick_device(a.device)
+    bf16 = a.bf16 if a.bf16 is not None else device.type == "cuda"
+    if a.samples_per_prompt > 1 and a.temperature <= 0:
+        raise SystemExit("planners.adapt: --samples-per-prompt > 1 needs --temperature > 0")
     if a.smoke:
         base = tiny_base(out / "tiny-base", seed=a.seed)
         mask_id, block = 3, 4
@@ -234,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
 
         base = Path(a.base) if a.base else smollm2_hf_dir()
         mask_id, block = (a.mask_token_id if a.mask_token_id is not None else 16), a.block_size
-        train_ex, held_ex, dstats = prepare_data(a, base, log)
+        train_ex, held_ex, dstats = prepare_data(a, base, log, device)
         log("data: " + json.dumps(dstats))
-        eos = json.loads((base / "config.json").read_text()).get("eos_token_id", 2)
-        eos = eos[0] if isinstance(eos, list) else eos
+        if base.is_dir():
+            eos = json.loads((base / "config.json").read_text()).get("eos_token_id", 2)
+            eos = eos[0] if isinstance(eos, list) else eos
+        else:  # a .gguf file
+            eos = base_tokenizer(base).eos_token_id
         train_rows, held_rows = _rows(train_ex, block, eos), _rows(held_ex, block, eos)
         minutes, max_steps, lr = a.minutes, a.max_steps, a.lr
     if not train_rows or not held_rows:
@@ -250,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
         load_adapter(model, a.init_adapter)
         log(f"initialised from {a.init_adapter}")
+    model.to(device)
+    log(f"training on {hardware(a.threads, bf16, device)}")
     cfg = TrainConfig(
         out=str(out),
         lr=lr,
@@ -257,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=minutes * 60,
         deadline=_deadline(a.deadline),
         token_budget=a.token_budget if not a.smoke else 512,
+        max_rows=a.max_rows,
         ar_weight=a.ar_weight,
         certainty_weight=a.certainty_weight,
         certainty_temperature=a.certainty_temperature,
@@ -270,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=a.threads,
         progress=not a.no_progress,
         warmup_steps=a.warmup if not a.smoke else 5,
-        bf16=a.bf16,
+        bf16=bf16,
+        device=str(device),
         eval_rows=a.eval_rows,
         meta={
             "data": dstats,
@@ -289,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         from planners.adapt.data import load_examples, make_prompts
 
         final = data_stats(
-            load_examples(out / "data" / "train.jsonl")[: a.data_size], held_ex, make_prompts(a.seed), a.seed
-        )
+            load_examples(out / "data" / "train.jsonl")[: a.data_size], held_ex, make_prompts(a.seed), a.seed,
+            dstats.get("teacher"),
+        )  # fmt: skip
         side = adapter.with_suffix(".json")
         meta = json.loads(side.read_text())
         meta["data"] = final
-        meta["training"]["hardware"] = hardware(a.threads, a.bf16)
+        meta["training"]["hardware"] = hardware(a.threads, bf16, device)
         side.write_text(json.dumps(meta, indent=2))
     log(f"adapter: {adapter}; best held-out: {json.dumps(state['best'])}")
     if a.ship:

@@ -437,15 +437,7 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def _done_texts(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    done = set()
-    for line in path.read_text().splitlines():
-        try:
-            done.add(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError):
-            continue  # a half-written last line from an interrupted run
-    return done
+    return set(_texts(path))
 
 
 def distill(
@@ -491,6 +483,76 @@ def distill(
             tokens = llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)
             sink.write(p, prompt_ids, *_take_answer(tokens, eos, special, max_new_tokens))
     return sink.written
+
+
+def distill_torch(
+    prompts: list[Prompt],
+    out: str | Path,
+    *,
+    model,
+    tokenizer,
+    max_new_tokens: int = 96,
+    batch_size: int = 64,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    limit: int | None = None,
+    deadline: float | None = None,
+    progress: bool = True,
+) -> int:
+    """`distill` with the native backbone as the teacher (`planners.adapt.generate`), `batch_size` prompts per
+    batch: the way to distil on a GPU. `model` is the untouched AR model, on its device. `samples` answers per
+    prompt (at `temperature` > 0 they differ: more training answers than prompts); prompts that already have
+    `samples` lines in `out` are skipped, so an interrupted run resumes. Writes the records `distill` writes;
+    any special id ends an answer and is stored as the tokenizer's end-of-turn id. Returns the lines written."""
+    from collections import Counter
+
+    import torch
+
+    from planners.adapt.generate import generate
+
+    if samples > 1 and temperature <= 0:
+        raise ValueError("samples > 1 needs temperature > 0 (greedy answers to one prompt are all the same)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    have = Counter(_texts(out))
+    todo = [p for p in prompts for _ in range(max(samples - have[p.text], 0))]
+    if limit is not None:
+        todo = todo[:limit]
+    if not todo:
+        return 0
+    eos = tokenizer.eos_token_id
+    special = sorted(set(tokenizer.all_special_ids) | {eos})
+    ids = {p.text: chat_prompt_ids(tokenizer, p.text) for p in todo}
+    todo.sort(key=lambda p: len(ids[p.text]))  # similar lengths share a batch: less padding
+    gen = torch.Generator(device=model.device).manual_seed(seed + sum(have.values()))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    with _Sink(out, len(todo), progress) as sink:
+        for i in range(0, len(todo), batch_size):
+            if deadline is not None and time.time() > deadline:
+                break
+            batch = todo[i : i + batch_size]
+            answers = generate(
+                model, [ids[p.text] for p in batch], max_new_tokens=max_new_tokens, stop_ids=special,
+                temperature=temperature, top_p=top_p, generator=gen, pad_id=pad,
+            )  # fmt: skip
+            for p, (resp, finished) in zip(batch, answers, strict=True):
+                sink.write(p, ids[p.text], [*resp[:-1], eos] if finished else resp, finished)
+    return sink.written
+
+
+def _texts(path: Path) -> list[str]:
+    """The prompt text of every complete line of a distillation file (one per answer)."""
+    if not path.exists():
+        return []
+    texts = []
+    for line in path.read_text().splitlines():
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a half-written last line from an interrupted run
+    return texts
 
 
 def _take_answer(tokens: Iterable[int], eos: int, special: set[int], max_new_tokens: int) -> tuple[list[int], bool]:

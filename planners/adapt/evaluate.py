@@ -51,10 +51,11 @@ def masked_accuracy(
         )
         if not len(b.src):
             continue
-        h = model.hidden_states(b.input_ids, attention_mask=b.attn, position_ids=b.position_ids)
-        logits = (h.reshape(-1, h.shape[-1])[b.src] @ model.output_weight().t()).float()  # (N, V)
+        dev = model.device
+        h = model.hidden_states(b.input_ids.to(dev), attention_mask=b.attn.to(dev), position_ids=b.position_ids.to(dev))
+        logits = (h.reshape(-1, h.shape[-1])[b.src.to(dev)] @ model.output_weight().t()).float()  # (N, V)
         logits[:, c.mask_token_id] = float("-inf")
-        right += int((logits.argmax(-1) == b.tgt).sum())
+        right += int((logits.argmax(-1) == b.tgt.to(dev)).sum())
         total += len(b.tgt)
     return right / max(total, 1)
 
@@ -73,8 +74,9 @@ def next_token_accuracy(model: DiffusionBackbone, rows: list[tuple[list[int], li
             ids[i, : len(s)] = torch.tensor(s)
             valid[i, : len(s)] = True
         attn = attention_mask(valid, pattern="causal", gen_start=0)
-        logits = model(ids, attention_mask=attn)  # (B, L, V), right padding: positions are 0..
-        pred = logits.argmax(-1)
+        dev = model.device
+        logits = model(ids.to(dev), attention_mask=attn.to(dev))  # (B, L, V), right padding: positions are 0..
+        pred = logits.argmax(-1).cpu()
         for i, (p, r) in enumerate(chunk):
             got = pred[i, len(p) - 1 : len(p) + len(r) - 1]
             right += int((got == torch.tensor(r)).sum())

@@ -56,7 +56,9 @@ class TrainConfig:
     ckpt_seconds: float = 240.0
     seed: int = 0
     threads: int | None = 2
-    bf16: bool = False  # CPU autocast to bfloat16 (adapter and optimiser stay float32): ~1.8x on AVX512-BF16
+    bf16: bool = False  # autocast to bfloat16 (adapter and optimiser stay float32): ~1.8x on AVX512-BF16, the
+    # usual setting on a GPU
+    device: str = "cpu"  # where the model is (the caller moves it): batches follow it
     eval_rows: int | None = None  # held-out rows used by the periodic eval (all of them by default)
     keep: str = "best"  # which adapter to write: "best" (held-out masked accuracy) or "last" (certainty runs trade
     # a little masked accuracy for confidence, so the best-accuracy one would undo them)
@@ -91,14 +93,16 @@ def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 def epoch_batches(rows: list[Row], cfg: TrainConfig, epoch: int) -> list[list[int]]:
-    """Row indices per batch for one epoch: shuffled, bucketed by length (64 rows), packed to the token budget."""
+    """Row indices per batch for one epoch: shuffled, bucketed by length (64 rows, or max_rows if more), packed to
+    the token budget."""
     rng = random.Random(cfg.seed * 1000003 + epoch)
     order = list(range(len(rows)))
     rng.shuffle(order)
     size = lambda i: len(rows[i][0]) + 2 * len(rows[i][1])  # noqa: E731
     batches: list[list[int]] = []
-    for k in range(0, len(order), 64):
-        bucket = sorted(order[k : k + 64], key=size)
+    span = max(64, cfg.max_rows)
+    for k in range(0, len(order), span):
+        bucket = sorted(order[k : k + span], key=size)
         cur: list[int] = []
         for i in bucket:
             longest = max([size(j) for j in cur] + [size(i)])
@@ -194,8 +198,10 @@ def train(
         f"block {c.block_size}, clean attention {cfg.clean}, ar_weight {cfg.ar_weight}"
     )
 
+    device_type = torch.device(cfg.device).type
+
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     def do_eval(tag: str) -> dict:
         with autocast():
@@ -305,7 +311,7 @@ def train(
         do_eval("final")
     save_state(ckpt, model, opt, state, gen)
     if cfg.keep == "best" and best_path.exists():  # ship the best held-out adapter, not the last
-        model.load_state_dict(torch.load(best_path), strict=False)
+        model.load_state_dict(torch.load(best_path, map_location="cpu"), strict=False)
     meta = {
         "training": {
             "objective": "block-diffusion SFT (two-copy layout), 1/t-weighted masked CE, Dream shift"
