@@ -137,3 +137,18 @@ def test_carry_packs_parts_and_joins_them_back_checked(tmp_path):
     part.unlink()
     with pytest.raises(FileNotFoundError, match="part1"):
         join(stash, tmp_path / "bad.gguf")
+
+
+def test_device_choice_is_explicit(tmp_path):
+    """--device auto takes the CPU without CUDA; a CUDA device that is not there, an unknown device type and
+    sampled answers at temperature 0 stop the run with a message instead of falling back silently."""
+    from planners.adapt.cli import main, pick_device
+
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type == "cpu"
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            pick_device("cuda:0")
+    with pytest.raises(SystemExit, match="use auto, cpu, cuda"):
+        pick_device("meta")
+    with pytest.raises(SystemExit, match="needs --temperature"):
+        main(["--out", str(tmp_path / "r"), "--smoke", "--samples-per-prompt", "2", "--no-progress"])

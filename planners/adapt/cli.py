@@ -250,7 +250,8 @@ def prepare_data(a: argparse.Namespace, base: Path, log, device: torch.device) -
                 from planners.loading import load_backbone
 
                 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                model = load_backbone(base, mask_token_id=16).to(device, dtype).eval()
+                mask_id = a.mask_token_id if a.mask_token_id is not None else 16  # unused by an AR teacher
+                model = load_backbone(base, mask_token_id=mask_id).to(device, dtype).eval()
             samples = a.samples_per_prompt if split == "train" else 1  # held-out answers stay greedy
             temp = a.temperature if split == "train" else 0.0
             log(
@@ -267,16 +268,18 @@ def prepare_data(a: argparse.Namespace, base: Path, log, device: torch.device) -
             torch.cuda.empty_cache()
     train_ex = load_examples(data / "train.jsonl")[: a.data_size]
     held_ex = load_examples(data / "heldout.jsonl")[: a.heldout_size]
-    return train_ex, held_ex, data_stats(train_ex, held_ex, prompts, a.seed, teacher_note(a, teacher))
+    return train_ex, held_ex, data_stats(train_ex, held_ex, prompts, a.seed, teacher_note(a, teacher, base))
 
 
-def teacher_note(a: argparse.Namespace, teacher: str) -> str:
+def teacher_note(a: argparse.Namespace, teacher: str, base: Path) -> str:
+    """Who wrote the training answers, and how (for the adapter's sidecar)."""
     if teacher == "llama_cpp":
-        return f"SmolLM2-135M-Instruct Q4_1 GGUF via llama-cpp, greedy, max {a.max_new_tokens} new tokens"
+        gguf = base.name if base.suffix == ".gguf" else "SmolLM2-135M-Instruct Q4_1 GGUF"
+        return f"{gguf} via llama-cpp, greedy, max {a.max_new_tokens} new tokens"
     how = "greedy" if a.temperature <= 0 else f"temperature {a.temperature}, top-p {a.top_p}"
     return (
-        f"SmolLM2-135M-Instruct (the GGUF dequantised) in torch, {a.samples_per_prompt} per prompt, {how} "
-        f"(held-out: greedy), max {a.max_new_tokens} new tokens"
+        f"{base.name} (dequantised) in torch, {a.samples_per_prompt} per prompt, {how} (held-out: greedy), "
+        f"max {a.max_new_tokens} new tokens"
     )
 
 
