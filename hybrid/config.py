@@ -272,6 +272,11 @@ class ScoreSettings(_Section):
     tse_threshold: float | None = Field(
         None, ge=0.0, description="deprecated alias of score.threshold (kept for old configs and flags)"
     )
+    defer: bool = Field(
+        True,
+        description="when score.signal needs no clustering, compute the signals that do (TSE, flip rate, vote) "
+        "after the answer: the final state still has them, the time to first token does not pay for them",
+    )
     min_words: int = Field(2, ge=0, description="a plan with fewer words is degenerate (near-empty)")
     reject_degenerate: bool = Field(True, description="repetition loops and near-empty plans are never accepted")
 

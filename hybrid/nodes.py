@@ -16,6 +16,7 @@ hold models in state.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any, Literal
@@ -164,20 +165,44 @@ def _tse_config(ctx: HybridContext) -> TSEConfig:
     )
 
 
-def score_summary(traj: Trajectory | None, ctx: HybridContext) -> dict[str, Any]:
+def score_summary(traj: Trajectory | None, ctx: HybridContext, *, full: bool = True) -> dict[str, Any]:
     """The `score` dict of a draft: `value` (the configured signal, higher = less trustworthy), `signal`,
     every signal, TSE, the vote, and `degenerate` (why the draft is a repetition loop or near-empty, else None).
-    Drafts are compared and accepted on `_rank`: the value, or +inf for a degenerate or unscorable draft."""
-    from planners.tse import degeneracy
+    Drafts are compared and accepted on `_rank`: the value, or +inf for a degenerate or unscorable draft.
+    `full=False` leaves out what needs the x0-hat texts clustered (TSE, flip rate, vote: None, and
+    `deferred` True); the configured signal must not be one of those."""
+    from planners.tse import CLUSTER_SIGNALS, degeneracy, final_confidence, mean_token_entropy
 
     s_cfg = ctx.config.score
     if traj is None or not traj.steps:
         return {"tse": 0.0, "value": None, "signal": s_cfg.signal, "degenerate": None, "n_steps": 0,
                 "note": "no trajectory recorded"}  # fmt: skip
     stop_ids = list(ctx.planner.model.config.stop_ids)
-    s = score_trajectory(traj, ctx.planner.decode, _tse_config(ctx), embed=ctx.embed, stop_ids=stop_ids)
     end = next((i for i, t in enumerate(traj.final) if t in set(stop_ids)), traj.gen_length)
     degenerate = degeneracy(ctx.planner.decode(traj.final[:end]), min_words=s_cfg.min_words)
+    if not full:
+        if s_cfg.signal in CLUSTER_SIGNALS:
+            raise ValueError(f"score.signal {s_cfg.signal!r} needs the clustering: it cannot be deferred")
+        fc, me = final_confidence(traj, stop_ids=stop_ids), mean_token_entropy(traj)
+        signals = {name: None for name in CLUSTER_SIGNALS}
+        signals.update(mean_entropy=me, low_confidence=None if fc is None else 1.0 - fc)
+        return {
+            "value": signals[s_cfg.signal],
+            "signal": s_cfg.signal,
+            "degenerate": degenerate,
+            "tse": None,
+            "signals": signals,
+            "vote": None,
+            "vote_share": None,
+            "flip_rate": None,
+            "mean_entropy": me,
+            "final_confidence": fc,
+            "n_clusters": None,
+            "n_steps": len(traj.steps),
+            "n_used": None,
+            "deferred": True,
+        }
+    s = score_trajectory(traj, ctx.planner.decode, _tse_config(ctx), embed=ctx.embed, stop_ids=stop_ids)
     signals = s.signals()
     return {
         "value": signals[s_cfg.signal],
@@ -215,11 +240,11 @@ async def score(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str
     ctx = runtime.context
     t0 = time.time()
     traj = Trajectory.from_dict(state.trajectory) if state.trajectory else None
-    summary = await asyncio.to_thread(score_summary, traj, ctx)
+    summary = await asyncio.to_thread(score_summary, traj, ctx, full=not _deferrable(ctx))
     rank = _rank(summary, ctx)
     threshold = ctx.config.score.accept_at
     summary["threshold"] = threshold
-    tse = float(summary["tse"])
+    tse = None if summary["tse"] is None else float(summary["tse"])
     draft = {**_draft_dict(_result_from_state(state)), "tse": tse, "value": summary["value"], "score": summary}
     keep = state.best is not None and _stored(state.best.get("rank")) <= rank  # ties keep the earlier
     best = state.best if keep else {**draft, "rank": None if rank == float("inf") else rank}
@@ -229,6 +254,35 @@ async def score(state: HybridState, runtime: Runtime[HybridContext]) -> dict[str
     event = {k: v for k, v in summary.items() if k != "signals"}
     _writer()({"type": "score", "accepted": accepted, "revision": state.revisions, **event})
     return {"score": summary, "tse": tse, "best": best, "accepted": accepted, "timings": timings}
+
+
+def _deferrable(ctx: HybridContext) -> bool:
+    """Whether the score node may leave the clustering signals for after the answer (`score.defer`)."""
+    from planners.tse import CLUSTER_SIGNALS
+
+    return ctx.config.score.defer and ctx.config.score.signal not in CLUSTER_SIGNALS
+
+
+def _complete_scores(state: HybridState, ctx: HybridContext) -> dict[str, Any]:
+    """The state updates that fill in deferred scores: the current draft's and the best draft's (TSE, flip
+    rate, vote), with the value, rank and acceptance they already had."""
+    out: dict[str, Any] = {}
+    done: dict[str, dict[str, Any]] = {}
+
+    def complete(score: dict[str, Any], traj: dict[str, Any] | None) -> dict[str, Any]:
+        key = json.dumps(traj, sort_keys=True) if traj is not None else ""
+        if key not in done:
+            done[key] = score_summary(Trajectory.from_dict(traj) if traj else None, ctx)
+        return {**done[key], "threshold": score.get("threshold")}
+
+    if state.score and state.score.get("deferred"):
+        full = complete(state.score, state.trajectory)
+        out["score"], out["tse"] = full, full["tse"]
+    best = state.best
+    if best is not None and (best.get("score") or {}).get("deferred"):
+        full = complete(best["score"], best.get("trajectory"))
+        out["best"] = {**best, "score": full, "tse": full["tse"]}
+    return out
 
 
 def route_after_score(state: HybridState, runtime: Runtime[HybridContext]) -> Literal["revise", "realize"]:
@@ -393,7 +447,13 @@ async def realize(state: HybridState, runtime: Runtime[HybridContext]) -> dict[s
     gen_s = last - (first or last)
     timings["tokens_per_s"] = (n_tokens - already) / gen_s if n_tokens > already and gen_s > 0 else 0.0
     write({"type": "done", "timings": timings})
+    # scores left for after the answer (score.defer): filled in now, off the time to first token
+    t_def = time.time()
+    completed = await asyncio.to_thread(_complete_scores, state, ctx) if mode != "ar" else {}
+    if completed:
+        timings["score_deferred_ms"] = (time.time() - t_def) * 1000
     return {
+        **completed,
         "answer": answer,
         "plan": plan_text if mode != "ar" else None,
         "usage": usage,

@@ -511,6 +511,9 @@ SIGNALS: dict[str, Callable[[TrajectoryScore], float | None]] = {
     "low_confidence": lambda s: None if s.final_confidence is None else 1.0 - s.final_confidence,
     "vote_dissent": lambda s: 1.0 - s.vote_share,
 }
+# the signals that need every x0-hat's text clustered (sentence embeddings, with the default clusterer): the
+# others read the trajectory alone
+CLUSTER_SIGNALS = frozenset({"tse", "flip_rate", "vote_dissent"})
 
 
 def score_trajectory(

@@ -89,3 +89,31 @@ def test_untrusted_after_budget_answers_unplanned_and_attempts_differ(tiny_plann
     assert status["plan"] is None  # the untrusted best draft never reached the realizer
     assert final["plan"] is None and final["answer"]
     assert any("unplanned" in w for w in final["warnings"])
+
+
+def test_clustering_signals_wait_for_the_answer_and_match_the_eager_score(tiny_planner, smol_realizer):
+    """score.defer (the default): with a signal that needs no clustering, the score event and the realize stage
+    see the value (and decide on it) without TSE, flip rate or vote; the final state has them, for the current
+    and the best draft, equal to what the eager score computes. With a clustering signal, or defer off, nothing
+    waits."""
+    from hybrid import nodes
+
+    over = {"score.signal": "low_confidence", "score.threshold": 0.0, "revise.max_revisions": 1}
+    events, final = asyncio.run(_run(_ctx(tiny_planner, smol_realizer, **over)))
+    scores = [e for e in events if e["type"] == "score"]
+    assert len(scores) == 2 and all(s["tse"] is None and s["deferred"] for s in scores)
+    assert all(s["value"] is not None for s in scores)  # the decision had its signal
+    status = next(e for e in events if e["type"] == "status" and e.get("stage") == "realize")
+    assert status["tse"] is None
+    assert final["timings"]["score_deferred_ms"] > 0
+    ctx = _ctx(tiny_planner, smol_realizer, **over)
+    for draft in (final["score"], final["best"]["score"]):
+        assert "deferred" not in draft and draft["tse"] is not None and draft["vote"] is not None
+    eager = nodes.score_summary(Trajectory.from_dict(final["trajectory"]), ctx)
+    assert final["score"] == {**eager, "threshold": 0.0}
+    assert final["tse"] == eager["tse"] and final["best"]["tse"] == final["best"]["score"]["tse"]
+
+    for extra in ({"score.signal": "tse", "score.threshold": 99.0}, {"score.defer": False}):
+        events, final = asyncio.run(_run(_ctx(tiny_planner, smol_realizer, **{**over, **extra})))
+        assert all(e["tse"] is not None for e in events if e["type"] == "score")
+        assert "score_deferred_ms" not in final["timings"]

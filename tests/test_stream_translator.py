@@ -86,7 +86,12 @@ def test_hybrid_run_becomes_reasoning_then_content(hybrid_run):
     (plan_chunk,) = [c for c in chunks if c.get("hybrid", {}).get("event") == "plan"]
     info = plan_chunk["hybrid"]
     assert info["plan"] == final["plan"] and info["plan_revised"] is False
-    assert info["score"] == final["score"] and "tse" in info["score"]
+    handed, done = info["score"], final["score"]
+    keys = ("value", "signal", "threshold", "degenerate", "final_confidence")
+    assert {k: handed[k] for k in keys} == {k: done[k] for k in keys}
+    # the clustering signals come after the answer (score.defer, the default): the final chunk carries them
+    assert handed["deferred"] and handed["tse"] is None
+    assert "deferred" not in done and done["tse"] is not None and done["vote"] is not None
     assert info["nfe"] > 0 and info["plan_ms"] > 0
     finish, usage = chunks[-2], chunks[-1]
     assert finish["choices"][0]["finish_reason"] in ("stop", "length")
