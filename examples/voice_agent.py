@@ -133,7 +133,8 @@ def report(args: argparse.Namespace, marks: dict[str, float], plan_info: dict, d
     print()
     if "plan" in marks:
         server = f" (server: plan {plan_info.get('plan_ms', 0):.0f} ms, {plan_info.get('nfe')} NFE, "
-        server += f"TSE {plan_info.get('tse')}, {plan_info.get('revisions', 0)} revision(s))"
+        value = (plan_info.get("score") or {}).get("value")  # TSE itself comes after the answer (score.defer)
+        server += f"score {'-' if value is None else f'{value:.3f}'}, {plan_info.get('revisions', 0)} revision(s))"
         print(f"plan    {marks['plan']:7.0f} ms{server}")
     for name in ("ttft", "speech", "total"):
         if name in marks:
