@@ -127,14 +127,17 @@ def _llama_pass(engine, n: int, context: int):
     cx = cache.ctx
     ids = torch.randint(100, 5000, (context + n,)).tolist()
     cx.set_causal(True)
-    engine._run_rows(cx, [(0, [(t, ids[t], t, t == context - 1) for t in range(context)])], _Sink(), 0, split_rows=True)
+    # (position, token, position id, logits?, keep?): the prompt stays cached (final), the block is decoded on
+    # the row's scratch sequence and removed after each pass, as the engine's own steps do
+    prompt = [(t, ids[t], t, t == context - 1, True) for t in range(context)]
+    engine._run_rows(cx, [(0, prompt)], _Sink(), 0, split_rows=True)
     mask = engine.config.mask_token_id
-    block = [(0, [(context + i, mask, context + i, True) for i in range(n)])]
+    block = [(0, [(context + i, mask, context + i, True, False) for i in range(n)])]
 
     def run():
         cx.set_causal(False)
         engine._run_rows(cx, block, _Sink(), 0, split_rows=False)
-        engine._ll.llama_memory_seq_rm(cx.mem, 0, context, -1)
+        engine._ll.llama_memory_seq_rm(cx.mem, cx.scratch, context, -1)
 
     run.cache = cache  # keeps the context for this pass
     return run

@@ -198,6 +198,25 @@ def test_fold_is_exact_and_the_check_tells_the_orders_apart(engine, tiny_lora, s
         engine._own_first = right
 
 
+def test_the_micro_benchmark_pass_runs_and_leaves_only_the_context(engine):
+    """benchmarks/bench_plan_vs_ar.py's per-pass micro-benchmark drives the engine's own decode path: it runs
+    repeatedly, and each pass removes its block, so the KV cache keeps the context alone."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.bench_plan_vs_ar import _llama_pass
+
+    run = _llama_pass(engine, 4, 16)
+    for _ in range(3):
+        run()
+    cx = run.cache.ctx
+    for seq in (0, cx.scratch):
+        assert engine._ll.llama_memory_seq_pos_max(cx.mem, seq) == 15  # positions 0..15: the context only
+
+
 def test_sparse_outputs_compute_only_the_rows_asked_for(engine, smol_tokenizer):
     """`outputs`: the rows asked for are the full call's logits, exactly; the others are zeros."""
     ids = list(_prompts(smol_tokenizer)[0])
