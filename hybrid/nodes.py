@@ -16,7 +16,6 @@ hold models in state.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from typing import Any, Literal
@@ -171,7 +170,9 @@ def score_summary(traj: Trajectory | None, ctx: HybridContext, *, full: bool = T
     Drafts are compared and accepted on `_rank`: the value, or +inf for a degenerate or unscorable draft.
     `full=False` leaves out what needs the x0-hat texts clustered (TSE, flip rate, vote: None, and
     `deferred` True); the configured signal must not be one of those."""
-    from planners.tse import CLUSTER_SIGNALS, degeneracy, final_confidence, mean_token_entropy
+    from types import SimpleNamespace
+
+    from planners.tse import CLUSTER_SIGNALS, SIGNALS, degeneracy, final_confidence, mean_token_entropy
 
     s_cfg = ctx.config.score
     if traj is None or not traj.steps:
@@ -180,45 +181,24 @@ def score_summary(traj: Trajectory | None, ctx: HybridContext, *, full: bool = T
     stop_ids = list(ctx.planner.model.config.stop_ids)
     end = next((i for i, t in enumerate(traj.final) if t in set(stop_ids)), traj.gen_length)
     degenerate = degeneracy(ctx.planner.decode(traj.final[:end]), min_words=s_cfg.min_words)
-    if not full:
+    if full:
+        s = score_trajectory(traj, ctx.planner.decode, _tse_config(ctx), embed=ctx.embed, stop_ids=stop_ids)
+        signals = s.signals()
+        parts = {"tse": s.tse, "vote": s.vote, "vote_share": s.vote_share, "flip_rate": s.flip_rate,
+                 "mean_entropy": s.mean_entropy, "final_confidence": s.final_confidence, "n_clusters": s.n_clusters,
+                 "n_steps": s.n_steps, "n_used": s.n_used}  # fmt: skip
+    else:
         if s_cfg.signal in CLUSTER_SIGNALS:
             raise ValueError(f"score.signal {s_cfg.signal!r} needs the clustering: it cannot be deferred")
-        fc, me = final_confidence(traj, stop_ids=stop_ids), mean_token_entropy(traj)
-        signals = {name: None for name in CLUSTER_SIGNALS}
-        signals.update(mean_entropy=me, low_confidence=None if fc is None else 1.0 - fc)
-        return {
-            "value": signals[s_cfg.signal],
-            "signal": s_cfg.signal,
-            "degenerate": degenerate,
-            "tse": None,
-            "signals": signals,
-            "vote": None,
-            "vote_share": None,
-            "flip_rate": None,
-            "mean_entropy": me,
-            "final_confidence": fc,
-            "n_clusters": None,
-            "n_steps": len(traj.steps),
-            "n_used": None,
-            "deferred": True,
-        }
-    s = score_trajectory(traj, ctx.planner.decode, _tse_config(ctx), embed=ctx.embed, stop_ids=stop_ids)
-    signals = s.signals()
-    return {
-        "value": signals[s_cfg.signal],
-        "signal": s_cfg.signal,
-        "degenerate": degenerate,
-        "tse": s.tse,
-        "signals": signals,
-        "vote": s.vote,
-        "vote_share": s.vote_share,
-        "flip_rate": s.flip_rate,
-        "mean_entropy": s.mean_entropy,
-        "final_confidence": s.final_confidence,
-        "n_clusters": s.n_clusters,
-        "n_steps": s.n_steps,
-        "n_used": s.n_used,
-    }
+        # what the trajectory alone gives, through the same signal definitions the full score uses
+        s = SimpleNamespace(final_confidence=final_confidence(traj, stop_ids=stop_ids),
+                            mean_entropy=mean_token_entropy(traj))  # fmt: skip
+        signals = {name: None if name in CLUSTER_SIGNALS else fn(s) for name, fn in SIGNALS.items()}
+        parts = {"tse": None, "vote": None, "vote_share": None, "flip_rate": None, "mean_entropy": s.mean_entropy,
+                 "final_confidence": s.final_confidence, "n_clusters": None, "n_steps": len(traj.steps),
+                 "n_used": None, "deferred": True}  # fmt: skip
+    return {"value": signals[s_cfg.signal], "signal": s_cfg.signal, "degenerate": degenerate, "signals": signals,
+            **parts}  # fmt: skip
 
 
 def _rank(summary: dict[str, Any], ctx: HybridContext) -> float:
@@ -265,22 +245,21 @@ def _deferrable(ctx: HybridContext) -> bool:
 
 def _complete_scores(state: HybridState, ctx: HybridContext) -> dict[str, Any]:
     """The state updates that fill in deferred scores: the current draft's and the best draft's (TSE, flip
-    rate, vote), with the value, rank and acceptance they already had."""
+    rate, vote), with the value, rank and acceptance they already had. The best draft is often the current
+    one: then it is scored once."""
     out: dict[str, Any] = {}
-    done: dict[str, dict[str, Any]] = {}
-
-    def complete(score: dict[str, Any], traj: dict[str, Any] | None) -> dict[str, Any]:
-        key = json.dumps(traj, sort_keys=True) if traj is not None else ""
-        if key not in done:
-            done[key] = score_summary(Trajectory.from_dict(traj) if traj else None, ctx)
-        return {**done[key], "threshold": score.get("threshold")}
-
+    current = None
     if state.score and state.score.get("deferred"):
-        full = complete(state.score, state.trajectory)
-        out["score"], out["tse"] = full, full["tse"]
+        traj = Trajectory.from_dict(state.trajectory) if state.trajectory else None
+        current = {**score_summary(traj, ctx), "threshold": state.score.get("threshold")}
+        out["score"], out["tse"] = current, current["tse"]
     best = state.best
     if best is not None and (best.get("score") or {}).get("deferred"):
-        full = complete(best["score"], best.get("trajectory"))
+        if current is not None and best.get("trajectory") == state.trajectory:
+            full = current
+        else:
+            traj = Trajectory.from_dict(best["trajectory"]) if best.get("trajectory") else None
+            full = {**score_summary(traj, ctx), "threshold": best["score"].get("threshold")}
         out["best"] = {**best, "score": full, "tse": full["tse"]}
     return out
 

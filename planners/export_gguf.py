@@ -51,6 +51,12 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's interleaved rope rows -> Hugging Face's rotate-half rows, per head: the inverse of `_permute`
+    (what transformers does when it reads a GGUF)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _merged(lin: torch.nn.Module) -> torch.Tensor:
     """The effective weight of a (LoRA-wrapped) linear layer, float32: W + scale * B @ A if the adapter is on."""
     if isinstance(lin, LoRALinear):
@@ -187,13 +193,14 @@ def read_backbone_config(path: str | os.PathLike) -> BackboneConfig:
     return BackboneConfig.from_dict(json.loads(field.contents()))
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Tensor name -> float32 array in Hugging Face shape (dequantised), for round-trip checks."""
+def read_tensors(path: str | os.PathLike, *, reader=None) -> dict[str, np.ndarray]:
+    """Tensor name -> float32 array in Hugging Face shape (dequantised). `reader`: a `gguf.GGUFReader` already
+    open on `path` (its metadata is read too), else one is opened here."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     out = {}
-    for t in GGUFReader(str(path)).tensors:
+    for t in (reader or GGUFReader(str(path))).tensors:
         shape = tuple(int(n) for n in reversed(t.shape))
         out[t.name] = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
     return out
@@ -202,7 +209,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- cache
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -221,7 +229,7 @@ def source_key(*files: str | os.PathLike | None, extra: str = "") -> str:
     for p in paths:
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}".encode())
-        h.update((_file_digest(p) if st.st_size < (64 << 20) else str(int(st.st_mtime))).encode())
+        h.update((file_digest(p) if st.st_size < (64 << 20) else str(int(st.st_mtime))).encode())
     return h.hexdigest()[:16]
 
 

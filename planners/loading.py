@@ -271,18 +271,13 @@ _GGUF_BLOCK = {
 }
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's interleaved rope rows -> Hugging Face's rotate-half rows, per head (the inverse of
-    `planners.export_gguf._permute`, as transformers does when it reads a GGUF)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a llama-architecture GGUF with the `gguf` package alone: its metadata as a Hugging Face config dict,
     its tensors dequantised to float32 under Hugging Face names (q / k rows back in rotate-half order).
     No transformers: the same code reads it wherever `gguf` and numpy are installed."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
+
+    from planners.export_gguf import _unpermute, read_tensors
 
     r = GGUFReader(str(gguf_file))
 
@@ -295,16 +290,16 @@ def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise ValueError(f"{gguf_file}: GGUF architecture {arch!r}; the native reader reads 'llama' GGUFs")
     n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
     state: dict[str, torch.Tensor] = {}
-    for t in r.tensors:
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32", copy=False).copy())
-        if t.name == "token_embd.weight":
+    for name, a in read_tensors(gguf_file, reader=r).items():
+        w = torch.from_numpy(a)
+        if name == "token_embd.weight":
             state["model.embed_tokens.weight"] = w
-        elif t.name == "output_norm.weight":
+        elif name == "output_norm.weight":
             state["model.norm.weight"] = w
-        elif t.name == "output.weight":
+        elif name == "output.weight":
             state["lm_head.weight"] = w
         else:
-            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
             if not m or m.group(2) not in _GGUF_BLOCK:
                 continue  # e.g. rope_freqs: derived from the config
             if m.group(2) in ("attn_q", "attn_k"):

@@ -4,20 +4,11 @@ planner (torch engine, one prompt, 16-token plans) with the rows ordered as the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # the script imports its sibling benchmarks as `benchmarks.*`
-    sys.path.insert(0, str(_ROOT))
-_spec = importlib.util.spec_from_file_location("bench_commit_ceiling", _ROOT / "benchmarks" / "bench_commit_ceiling.py")
-bc = importlib.util.module_from_spec(_spec)
-sys.modules["bench_commit_ceiling"] = bc
-_spec.loader.exec_module(bc)
+bc = load_benchmark("bench_commit_ceiling")
 
 
 def _inputs(tokens, masked, score, span_offset):

@@ -3,19 +3,10 @@ the shipped planner (2 prompts, 2 tasks, 3 rules, 16-token spans) with the basel
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # the script imports its sibling benchmarks as `benchmarks.*`
-    sys.path.insert(0, str(_ROOT))
-_spec = importlib.util.spec_from_file_location("bench_rules", _ROOT / "benchmarks" / "bench_rules.py")
-br = importlib.util.module_from_spec(_spec)
-sys.modules["bench_rules"] = br
-_spec.loader.exec_module(br)
+br = load_benchmark("bench_rules")
 
 
 def test_rule_table_builds_configs():

@@ -3,19 +3,13 @@ and the --smoke path end to end on a tiny random model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tse.py"
-_spec = importlib.util.spec_from_file_location("bench_tse", _PATH)
-bt = importlib.util.module_from_spec(_spec)
-sys.modules["bench_tse"] = bt  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(bt)
+bt = load_benchmark("bench_tse")
 
 
 # ----------------------------------------------------------------------------------------------- AUROC

@@ -201,15 +201,9 @@ def test_fold_is_exact_and_the_check_tells_the_orders_apart(engine, tiny_lora, s
 def test_the_micro_benchmark_pass_runs_and_leaves_only_the_context(engine):
     """benchmarks/bench_plan_vs_ar.py's per-pass micro-benchmark drives the engine's own decode path: it runs
     repeatedly, and each pass removes its block, so the KV cache keeps the context alone."""
-    import sys
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from benchmarks.bench_plan_vs_ar import _llama_pass
-
-    run = _llama_pass(engine, 4, 16)
+    run = load_benchmark("bench_plan_vs_ar")._llama_pass(engine, 4, 16)
     for _ in range(3):
         run()
     cx = run.cache.ctx

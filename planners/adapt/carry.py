@@ -16,7 +16,6 @@ tqdm and gguf.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -26,24 +25,18 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pack(src: str | Path, out: str | Path, *, part_mib: float = 40.0) -> list[Path]:
     """Cut `src` into parts of at most `part_mib` MiB: `out/p<k>/<name>.part<k>`, with `manifest.json` (name,
     size, SHA-256, number of parts) in every part's folder, so any one of them tells what the whole is."""
+    from planners.export_gguf import file_digest
+
     src, out = Path(src), Path(out)
     if part_mib <= 0:
         raise ValueError(f"part_mib must be > 0, got {part_mib}")
     size = src.stat().st_size
     step = int(part_mib * (1 << 20))
     n = max(1, -(-size // step))
-    manifest = {"name": src.name, "size": size, "sha256": _sha256(src), "parts": n}
+    manifest = {"name": src.name, "size": size, "sha256": file_digest(src), "parts": n}
     folders = []
     with src.open("rb") as f:
         for k in range(n):
@@ -59,6 +52,8 @@ def pack(src: str | Path, out: str | Path, *, part_mib: float = 40.0) -> list[Pa
 
 def join(stash: str | Path, dst: str | Path) -> Path:
     """Concatenate the parts found in `stash` (as `pack` named them) into `dst`; check size and SHA-256."""
+    from planners.export_gguf import file_digest
+
     stash, dst = Path(stash), Path(dst)
     m = json.loads((stash / MANIFEST).read_text())
     parts = [stash / f"{m['name']}.part{k}" for k in range(m["parts"])]
@@ -69,7 +64,7 @@ def join(stash: str | Path, dst: str | Path) -> Path:
     with dst.open("wb") as f:
         for p in parts:
             f.write(p.read_bytes())
-    if dst.stat().st_size != m["size"] or _sha256(dst) != m["sha256"]:
+    if dst.stat().st_size != m["size"] or file_digest(dst) != m["sha256"]:
         raise ValueError(f"{dst}: the joined parts do not match the manifest (size {m['size']}, sha256 {m['sha256']})")
     return dst
 

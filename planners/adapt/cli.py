@@ -219,13 +219,14 @@ def teacher_of(a: argparse.Namespace, device: torch.device) -> str:
     return a.teacher if a.teacher != "auto" else ("torch" if device.type == "cuda" else "llama_cpp")
 
 
-def prepare_data(a: argparse.Namespace, base: Path, log, device: torch.device) -> tuple[list[dict], list[dict], dict]:
+def prepare_data(
+    a: argparse.Namespace, base: Path, tok, log, device: torch.device
+) -> tuple[list[dict], list[dict], dict]:
     from planners.adapt.data import distill, distill_torch, load_examples, make_prompts
     from planners.assets import smollm2_gguf_path
 
     data = Path(a.out) / "data"
     prompts = make_prompts(a.seed)
-    tok = base_tokenizer(base)
     teacher = teacher_of(a, device)
     if not a.no_distill:
         deadline = time.time() + a.distill_minutes * 60 if a.distill_minutes else None
@@ -333,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
 
         base = Path(a.base) if a.base else smollm2_hf_dir()
         mask_id, block = (a.mask_token_id if a.mask_token_id is not None else 16), a.block_size
-        train_ex, held_ex, dstats = prepare_data(a, base, log, device)
+        tok = base_tokenizer(base)
+        train_ex, held_ex, dstats = prepare_data(a, base, tok, log, device)
         log("data: " + json.dumps(dstats))
         if base.is_dir():
             eos = json.loads((base / "config.json").read_text()).get("eos_token_id", 2)
             eos = eos[0] if isinstance(eos, list) else eos
         else:  # a .gguf file
-            eos = base_tokenizer(base).eos_token_id
+            eos = tok.eos_token_id
         train_rows, held_rows = _rows(train_ex, block, eos), _rows(held_ex, block, eos)
         minutes, max_steps, lr = a.minutes, a.max_steps, a.lr
     if not train_rows or not held_rows:
