@@ -452,8 +452,9 @@ class _Rows:
 
 
 def load_engine(
-    model,
+    config,
     sources,
+    build_model,
     *,
     weights: str | None = None,
     threads: int | None = None,
@@ -462,8 +463,9 @@ def load_engine(
     tokenizer_gguf: str | os.PathLike | None = None,
     progress=lambda _m: None,
 ) -> LlamaCppEngine:
-    """A `LlamaCppEngine` for the torch planner `model`: exported once to a GGUF of `weights` in the cache
-    directory (keyed by the `sources` files it was loaded from: base weights, adapter), then loaded.
+    """A `LlamaCppEngine` for the torch planner of `config` that `build_model()` loads: exported once to a GGUF
+    of `weights` in the cache directory (keyed by `config` and the `sources` files the model is loaded from:
+    base weights, adapter), then loaded. On a cache hit `build_model` is not called: no torch weights are read.
     `tokenizer_gguf`: where the tokenizer metadata comes from (default: the packaged SmolLM2 GGUF)."""
     import re
 
@@ -471,10 +473,10 @@ def load_engine(
     from planners.export_gguf import cached_export, source_key
 
     weights = weights or DEFAULT_WEIGHTS
-    key = source_key(*sources, extra=json.dumps(model.config.to_dict(), sort_keys=True))
+    key = source_key(*sources, extra=json.dumps(config.to_dict(), sort_keys=True))
     stem = re.sub(r"[^A-Za-z0-9_.]+", "_", name.split("(")[0]).strip("_") or "planner"
     path = cached_export(
-        lambda: model,
+        build_model,
         key=key,
         weight_type=weights,
         tokenizer_gguf=tokenizer_gguf or smollm2_gguf_path(),
@@ -482,6 +484,6 @@ def load_engine(
         progress=progress,
     )
     # the config is the torch model's (what the export was keyed by): no need to parse the GGUF's metadata
-    engine = LlamaCppEngine(path, n_threads=threads, extra_bufts=extra_bufts, config=model.config)
+    engine = LlamaCppEngine(path, n_threads=threads, extra_bufts=extra_bufts, config=config)
     engine.fold_order()  # the one-time check (~0.2 s) at load, not in the first plan's time
     return engine

@@ -13,6 +13,7 @@ Nothing here samples or tokenizes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -271,6 +272,37 @@ _GGUF_BLOCK = {
 }
 
 
+def _gguf_hf_config(r: Any, gguf_file: Path) -> dict[str, Any]:
+    """A llama-architecture GGUF's metadata (open `GGUFReader` `r`) as a Hugging Face config dict: from its
+    key-value fields and tensor shapes alone, no tensor data read."""
+
+    def meta(key: str, default: Any = None) -> Any:
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_file}: GGUF architecture {arch!r}; the native reader reads 'llama' GGUFs")
+    shapes = {t.name: [int(x) for x in t.shape] for t in r.tensors}  # ggml order: the row length first
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(meta("llama.vocab_size", shapes["token_embd.weight"][-1])),
+        "hidden_size": int(meta("llama.embedding_length")),
+        "intermediate_size": int(meta("llama.feed_forward_length")),
+        "num_hidden_layers": int(meta("llama.block_count")),
+        "num_attention_heads": int(meta("llama.attention.head_count")),
+        "num_key_value_heads": int(meta("llama.attention.head_count_kv")),
+        "rope_theta": float(meta("llama.rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(meta("llama.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(meta("llama.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
+        "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
+    }
+
+
 def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a llama-architecture GGUF with the `gguf` package alone: its metadata as a Hugging Face config dict,
     its tensors dequantised to float32 under Hugging Face names (q / k rows back in rotate-half order).
@@ -280,15 +312,8 @@ def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.T
     from planners.export_gguf import _unpermute, read_tensors
 
     r = GGUFReader(str(gguf_file))
-
-    def meta(key: str, default: Any = None) -> Any:
-        f = r.fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = meta("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_file}: GGUF architecture {arch!r}; the native reader reads 'llama' GGUFs")
-    n_head, n_kv = int(meta("llama.attention.head_count")), int(meta("llama.attention.head_count_kv"))
+    hf = _gguf_hf_config(r, gguf_file)
+    n_head, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     state: dict[str, torch.Tensor] = {}
     for name, a in read_tensors(gguf_file, reader=r).items():
         w = torch.from_numpy(a)
@@ -305,24 +330,6 @@ def _state_from_gguf(gguf_file: Path) -> tuple[dict[str, Any], dict[str, torch.T
             if m.group(2) in ("attn_q", "attn_k"):
                 w = _unpermute(w, n_head if m.group(2) == "attn_q" else n_kv)
             state[f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"] = w
-    emb = state["model.embed_tokens.weight"]
-    hf = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(meta("llama.vocab_size", emb.shape[0])),
-        "hidden_size": int(meta("llama.embedding_length")),
-        "intermediate_size": int(meta("llama.feed_forward_length")),
-        "num_hidden_layers": int(meta("llama.block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv,
-        "rope_theta": float(meta("llama.rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(meta("llama.attention.layer_norm_rms_epsilon", 1e-6)),
-        "max_position_embeddings": int(meta("llama.context_length", 4096)),
-        "tie_word_embeddings": "lm_head.weight" not in state,
-        "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
-        "bos_token_id": meta("tokenizer.ggml.bos_token_id"),
-        "pad_token_id": meta("tokenizer.ggml.padding_token_id"),
-    }
     return hf, state
 
 
@@ -344,9 +351,51 @@ def load_backbone(
     and `adapter` a `.safetensors` file of trained adapter weights (LoRA + mask embedding) whose
     sidecar `.json` holds the adaptation config. `merge_adapter=True` folds the LoRA into the base weights
     (`merge_lora`): an inference model whose forward pays no adapter matmuls and cannot switch it off."""
+    return _build_backbone(
+        path, dtype, device, attention, block_size, mask_token_id, adapter, merge_adapter, overrides, weights=True
+    )
+
+
+def backbone_config(
+    path: str | os.PathLike,
+    *,
+    attention: AttentionPattern | None = None,
+    block_size: int | None = None,
+    mask_token_id: int | None = None,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = False,
+    **overrides: Any,
+) -> BackboneConfig:
+    """The config of the model `load_backbone` returns for the same arguments, without reading a weight or
+    building a model: from config.json or the GGUF's metadata and the adapter's sidecar. What a caller needs when
+    a cached export of those weights already exists (`planners.llama_engine.load_engine`)."""
+    config = _build_backbone(
+        path, torch.float32, "cpu", attention, block_size, mask_token_id, adapter, merge_adapter, overrides,
+        weights=False,
+    )  # fmt: skip
+    assert isinstance(config, BackboneConfig)
+    return config
+
+
+def _build_backbone(
+    path: str | os.PathLike,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    attention: AttentionPattern | None,
+    block_size: int | None,
+    mask_token_id: int | None,
+    adapter: str | os.PathLike | None,
+    merge_adapter: bool,
+    overrides: dict[str, Any],
+    *,
+    weights: bool,
+) -> DiffusionBackbone | BackboneConfig:
+    """`load_backbone`'s model, or with `weights=False` only its config (no model built: a meta-device model
+    would cost seconds the first time, torch importing its compiler for the meta kernels)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"planner model path does not exist: {path}")
+    overrides = dict(overrides)
     if attention is not None:
         overrides["attention"] = attention
     if block_size is not None:
@@ -363,21 +412,37 @@ def load_backbone(
             adapter_cfg = json.loads(sidecar.read_text()).get("backbone", {})
         overrides = {**adapter_cfg, **overrides}
 
+    state: dict[str, torch.Tensor] = {}
     if path.is_file() and path.suffix == ".gguf":
-        hf, state = _state_from_gguf(path)
+        if weights:
+            hf, state = _state_from_gguf(path)
+        else:
+            from gguf import GGUFReader
+
+            hf = _gguf_hf_config(GGUFReader(str(path)), path)
         mapper = _ours_from_hf
     else:
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{path} has no config.json (expected a checkpoint directory or a .gguf file)")
         hf = json.loads(cfg_file.read_text())
-        state = _read_safetensors_dir(path)
+        if weights:
+            state = _read_safetensors_dir(path)
         mapper = _ours_from_llada if detect_arch(hf) == "llada" else _ours_from_hf
     if detect_arch(hf) == "llama" and "mask_token_id" not in overrides and "mask_token_id" not in hf:
         raise ValueError(f"{path}: an AR checkpoint needs mask_token_id (an unused vocabulary entry) to be adapted")
     lora = {k: overrides.pop(k) for k in ("lora_rank", "lora_alpha", "lora_targets") if k in overrides}
     config = config_from_hf(hf, **overrides)
+    if not weights:  # what add_lora and merge_lora below do to the config
+        if lora.get("lora_rank"):
+            targets = tuple(lora.get("lora_targets", ()))
+            rank = 0 if merge_adapter and targets else int(lora["lora_rank"])
+            alpha = float(lora.get("lora_alpha", 16.0))
+            config = dataclasses.replace(config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+        return config
 
+    with torch.device("meta"):
+        model = DiffusionBackbone(config)
     ours: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         mapped = mapper(name)
@@ -385,8 +450,6 @@ def load_backbone(
             ours[mapped] = tensor
     if config.tie_word_embeddings:
         ours.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = DiffusionBackbone(config)
     missing = [k for k, _ in model.state_dict().items() if k not in ours and k != "mask_embedding"]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from planners.loading import load_backbone
-from planners.model import DiffusionBackbone
+from planners.loading import backbone_config, load_backbone
+from planners.model import BackboneConfig, DiffusionBackbone
 from planners.model_thread import ModelThread
 from planners.sampler import BlockDone, SamplerConfig, denoise
 from planners.trajectory import Trajectory
@@ -151,45 +151,45 @@ class Planner:
                 f"planner adapter not found: {adapter} (use adapter 'none' for the untrained base model)"
             )
         if path is None:
-            base = smollm2_hf_dir()
-            tok = AutoTokenizer.from_pretrained(str(base))
+            src = smollm2_hf_dir()
+            tok = AutoTokenizer.from_pretrained(str(src))
             mask_id = tok.convert_tokens_to_ids(SMOLLM2_MASK_TOKEN)
             if untrained:  # asked for explicitly: the base model with the mask embedding, no adapter
                 log.warning("planner adapter 'none': using the UNTRAINED base model as planner")
-                model = load_backbone(base, mask_token_id=mask_id, dtype=dtype, device=dev)
+                load_kw: dict[str, Any] = dict(mask_token_id=mask_id)
                 name = "smollm2-135m-planner(untrained)"
             else:
                 adapter = Path(adapter) if adapter else DEFAULT_ADAPTER
                 if not adapter.exists():
                     raise FileNotFoundError(f"the shipped planner adapter is missing: {adapter} (reinstall hybrid)")
-                model = load_backbone(
-                    base, adapter=adapter, mask_token_id=mask_id, dtype=dtype, device=dev, merge_adapter=True
-                )  # LoRA folded into the weights: no adapter matmuls per forward
+                # LoRA folded into the weights: no adapter matmuls per forward
+                load_kw = dict(adapter=adapter, mask_token_id=mask_id, merge_adapter=True)
                 name = f"smollm2-135m-planner({adapter.name})"
         else:
-            p = Path(path)
-            if not p.exists():
-                raise FileNotFoundError(f"planner model path does not exist: {p}")
-            tok_dir = p.parent if p.is_file() else p
+            src = Path(path)
+            if not src.exists():
+                raise FileNotFoundError(f"planner model path does not exist: {src}")
+            tok_dir = src.parent if src.is_file() else src
             tok = (
-                AutoTokenizer.from_pretrained(str(tok_dir), gguf_file=p.name)
-                if p.is_file()
+                AutoTokenizer.from_pretrained(str(tok_dir), gguf_file=src.name)
+                if src.is_file()
                 else AutoTokenizer.from_pretrained(str(tok_dir))
             )
-            model = load_backbone(
-                p,
-                adapter=None if untrained else adapter,
-                mask_token_id=mask_token_id,
-                dtype=dtype,
-                device=dev,
-                merge_adapter=True,
-            )
-            name = p.name
-        if tok.eos_token_id is not None and tok.eos_token_id not in model.config.stop_ids:
-            model.config = dataclasses.replace(
-                model.config, extra_eos_ids=(*model.config.extra_eos_ids, int(tok.eos_token_id))
-            )
-        c = model.config
+            load_kw = dict(adapter=None if untrained else adapter, mask_token_id=mask_token_id, merge_adapter=True)
+            name = src.name
+
+        def with_eos(config: BackboneConfig) -> BackboneConfig:  # the tokenizer's end of turn also ends a plan
+            if tok.eos_token_id is None or tok.eos_token_id in config.stop_ids:
+                return config
+            return dataclasses.replace(config, extra_eos_ids=(*config.extra_eos_ids, int(tok.eos_token_id)))
+
+        def build() -> DiffusionBackbone:
+            model = load_backbone(src, dtype=dtype, device=dev, **load_kw)
+            model.config = with_eos(model.config)
+            return model
+
+        # the config alone (no weights read) decides the engine; a cached GGUF export then needs no torch model
+        c = with_eos(backbone_config(src, **load_kw))
         # the export copies SmolLM2's tokenizer metadata: auto takes llama.cpp for the embedded planner only
         exportable = c.arch == "llama" and c.attention == "block_causal" and (path is None or engine == "llama_cpp")
         if sampler is not None and sampler.cache == "none":
@@ -199,12 +199,13 @@ class Planner:
         if choose_engine(engine, device=dev, llama_arch=exportable) == "llama_cpp":
             from planners.llama_engine import load_engine
 
-            sources = [smollm2_hf_dir() / "model.safetensors"] if path is None else [Path(path)]
+            sources = [src / "model.safetensors"] if path is None else [src]
             sources.append(None if untrained or adapter is None else Path(adapter))
-            gguf = Path(path) if path is not None and Path(path).suffix == ".gguf" else None  # its own tokenizer
+            gguf = src if path is not None and src.suffix == ".gguf" else None  # its own tokenizer
             model = load_engine(
-                model,
+                c,
                 sources,
+                build,
                 weights=engine_weights,
                 threads=threads,
                 name=name,
@@ -212,6 +213,8 @@ class Planner:
                 progress=progress,
             )
             name = f"{name}[llama.cpp {model.weights}]"
+        else:
+            model = build()
         cfg = sampler or default_sampler_for(model)
         return cls(model, tok, cfg, name=name, thread=thread)
 

@@ -348,10 +348,54 @@ def test_planner_load_picks_the_engine(tmp_path, monkeypatch, tiny_lora, engine_
     save_adapter(tiny_lora, tmp_path / "adapter.safetensors")
     p = Planner.load(ckpt, adapter=tmp_path / "adapter.safetensors", engine="llama_cpp", engine_weights="f32")
     assert isinstance(p.model, LlamaCppEngine)
-    assert list((tmp_path / "cache" / "planner-gguf").glob("*.gguf"))
+    exported = list((tmp_path / "cache" / "planner-gguf").glob("*.gguf"))
+    assert len(exported) == 1
     t = Planner.load(ckpt, adapter=tmp_path / "adapter.safetensors", engine="torch", sampler=p.sampler)
     assert p.plan("How do I make a cup of tea?").span == t.plan("How do I make a cup of tea?").span
     p.model.close()
+
+    # a second load finds the export: it reads no torch weights and plans the same
+    def no_weights(*_a, **_k):
+        raise AssertionError("the cached export was there: no torch weights should be read")
+
+    monkeypatch.setattr("planners.planner.load_backbone", no_weights)
+    again = Planner.load(ckpt, adapter=tmp_path / "adapter.safetensors", engine="llama_cpp", engine_weights="f32")
+    assert list((tmp_path / "cache" / "planner-gguf").glob("*.gguf")) == exported
+    assert again.model.config == p.model.config
+    assert again.plan("How do I make a cup of tea?").span == t.plan("How do I make a cup of tea?").span
+    again.model.close()
+
+
+def test_backbone_config_is_the_loaded_models_without_reading_weights(tmp_path, tiny_lora, tiny_gguf, monkeypatch):
+    """`backbone_config` (what a cached export needs) equals `load_backbone(...).config` for the same arguments:
+    checkpoint directory with and without a merged adapter, a GGUF, and the shipped planner."""
+    from transformers import AutoTokenizer
+
+    import planners.loading as loading
+    from planners.assets import DEFAULT_ADAPTER, SMOLLM2_MASK_TOKEN, smollm2_hf_dir
+    from planners.loading import backbone_config, load_backbone, save_adapter, save_checkpoint
+
+    ckpt = save_checkpoint(tiny_lora, tmp_path / "ckpt")
+    adapter = tmp_path / "adapter.safetensors"
+    save_adapter(tiny_lora, adapter)
+    mask = tiny_lora.config.mask_token_id
+    smol = smollm2_hf_dir()
+    smol_mask = int(AutoTokenizer.from_pretrained(str(smol)).convert_tokens_to_ids(SMOLLM2_MASK_TOKEN))
+    cases = [
+        (ckpt, dict(mask_token_id=mask)),
+        (ckpt, dict(mask_token_id=mask, adapter=adapter)),
+        (ckpt, dict(mask_token_id=mask, adapter=adapter, merge_adapter=True)),
+        (ckpt, dict(mask_token_id=mask, block_size=4, attention="full")),
+        (tiny_gguf, dict(mask_token_id=mask)),
+        (smol, dict(mask_token_id=smol_mask, adapter=DEFAULT_ADAPTER, merge_adapter=True)),
+    ]
+    want = [load_backbone(path, **kw).config for path, kw in cases]
+    monkeypatch.setattr(loading, "_read_safetensors_dir", None)  # any weight read now raises
+    monkeypatch.setattr(loading, "_state_from_gguf", None)
+    monkeypatch.setattr(loading, "load_adapter", None)
+    for (path, kw), w in zip(cases, want, strict=True):
+        assert backbone_config(path, **kw) == w, (path, kw)
+    assert want[2].lora_rank == 0 and want[1].lora_rank == 4  # merged / not: the cases differ where it matters
 
 
 @pytest.mark.slow
