@@ -351,96 +351,9 @@ def load_backbone(
     and `adapter` a `.safetensors` file of trained adapter weights (LoRA + mask embedding) whose
     sidecar `.json` holds the adaptation config. `merge_adapter=True` folds the LoRA into the base weights
     (`merge_lora`): an inference model whose forward pays no adapter matmuls and cannot switch it off."""
-    return _build_backbone(
-        path, dtype, device, attention, block_size, mask_token_id, adapter, merge_adapter, overrides, weights=True
+    path, config, lora, adapter, state, mapper = _resolve(
+        path, attention, block_size, mask_token_id, adapter, overrides, read_weights=True
     )
-
-
-def backbone_config(
-    path: str | os.PathLike,
-    *,
-    attention: AttentionPattern | None = None,
-    block_size: int | None = None,
-    mask_token_id: int | None = None,
-    adapter: str | os.PathLike | None = None,
-    merge_adapter: bool = False,
-    **overrides: Any,
-) -> BackboneConfig:
-    """The config of the model `load_backbone` returns for the same arguments, without reading a weight or
-    building a model: from config.json or the GGUF's metadata and the adapter's sidecar. What a caller needs when
-    a cached export of those weights already exists (`planners.llama_engine.load_engine`)."""
-    config = _build_backbone(
-        path, torch.float32, "cpu", attention, block_size, mask_token_id, adapter, merge_adapter, overrides,
-        weights=False,
-    )  # fmt: skip
-    assert isinstance(config, BackboneConfig)
-    return config
-
-
-def _build_backbone(
-    path: str | os.PathLike,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    attention: AttentionPattern | None,
-    block_size: int | None,
-    mask_token_id: int | None,
-    adapter: str | os.PathLike | None,
-    merge_adapter: bool,
-    overrides: dict[str, Any],
-    *,
-    weights: bool,
-) -> DiffusionBackbone | BackboneConfig:
-    """`load_backbone`'s model, or with `weights=False` only its config (no model built: a meta-device model
-    would cost seconds the first time, torch importing its compiler for the meta kernels)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"planner model path does not exist: {path}")
-    overrides = dict(overrides)
-    if attention is not None:
-        overrides["attention"] = attention
-    if block_size is not None:
-        overrides["block_size"] = block_size
-    if mask_token_id is not None:
-        overrides["mask_token_id"] = mask_token_id
-    adapter_cfg: dict[str, Any] = {}
-    if adapter is not None:
-        adapter = Path(adapter)
-        sidecar = adapter.with_suffix(".json")
-        if not adapter.exists():
-            raise FileNotFoundError(f"adapter weights not found: {adapter}")
-        if sidecar.exists():
-            adapter_cfg = json.loads(sidecar.read_text()).get("backbone", {})
-        overrides = {**adapter_cfg, **overrides}
-
-    state: dict[str, torch.Tensor] = {}
-    if path.is_file() and path.suffix == ".gguf":
-        if weights:
-            hf, state = _state_from_gguf(path)
-        else:
-            from gguf import GGUFReader
-
-            hf = _gguf_hf_config(GGUFReader(str(path)), path)
-        mapper = _ours_from_hf
-    else:
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{path} has no config.json (expected a checkpoint directory or a .gguf file)")
-        hf = json.loads(cfg_file.read_text())
-        if weights:
-            state = _read_safetensors_dir(path)
-        mapper = _ours_from_llada if detect_arch(hf) == "llada" else _ours_from_hf
-    if detect_arch(hf) == "llama" and "mask_token_id" not in overrides and "mask_token_id" not in hf:
-        raise ValueError(f"{path}: an AR checkpoint needs mask_token_id (an unused vocabulary entry) to be adapted")
-    lora = {k: overrides.pop(k) for k in ("lora_rank", "lora_alpha", "lora_targets") if k in overrides}
-    config = config_from_hf(hf, **overrides)
-    if not weights:  # what add_lora and merge_lora below do to the config
-        if lora.get("lora_rank"):
-            targets = tuple(lora.get("lora_targets", ()))
-            rank = 0 if merge_adapter and targets else int(lora["lora_rank"])
-            alpha = float(lora.get("lora_alpha", 16.0))
-            config = dataclasses.replace(config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
-        return config
-
     with torch.device("meta"):
         model = DiffusionBackbone(config)
     ours: dict[str, torch.Tensor] = {}
@@ -466,6 +379,83 @@ def _build_backbone(
     if merge_adapter:
         merge_lora(model)
     return model.eval()
+
+
+def backbone_config(
+    path: str | os.PathLike,
+    *,
+    attention: AttentionPattern | None = None,
+    block_size: int | None = None,
+    mask_token_id: int | None = None,
+    adapter: str | os.PathLike | None = None,
+    merge_adapter: bool = False,
+    **overrides: Any,
+) -> BackboneConfig:
+    """The config of the model `load_backbone` returns for the same arguments, without reading a weight or
+    building a model (a meta-device model would cost seconds the first time: torch imports its compiler for the
+    meta kernels): from config.json or the GGUF's metadata and the adapter's sidecar. What a caller needs when a
+    cached export of those weights already exists (`planners.llama_engine.load_engine`)."""
+    _, config, lora, _, _, _ = _resolve(path, attention, block_size, mask_token_id, adapter, overrides)
+    if lora.get("lora_rank"):  # what load_backbone's add_lora and merge_lora do to the config
+        targets = tuple(lora.get("lora_targets", ()))
+        rank = 0 if merge_adapter and targets else int(lora["lora_rank"])
+        alpha = float(lora.get("lora_alpha", 16.0))
+        config = dataclasses.replace(config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    return config
+
+
+def _resolve(
+    path: str | os.PathLike,
+    attention: AttentionPattern | None,
+    block_size: int | None,
+    mask_token_id: int | None,
+    adapter: str | os.PathLike | None,
+    overrides: dict[str, Any],
+    *,
+    read_weights: bool = False,
+) -> tuple[Path, BackboneConfig, dict[str, Any], Path | None, dict[str, torch.Tensor], Any]:
+    """What `load_backbone` and `backbone_config` share: the checked paths, the config before any LoRA (with the
+    adapter's sidecar and the overrides applied), the LoRA settings, and with `read_weights` the checkpoint's
+    tensors and the mapper of their names (else an empty dict)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"planner model path does not exist: {path}")
+    overrides = dict(overrides)
+    if attention is not None:
+        overrides["attention"] = attention
+    if block_size is not None:
+        overrides["block_size"] = block_size
+    if mask_token_id is not None:
+        overrides["mask_token_id"] = mask_token_id
+    if adapter is not None:
+        adapter = Path(adapter)
+        sidecar = adapter.with_suffix(".json")
+        if not adapter.exists():
+            raise FileNotFoundError(f"adapter weights not found: {adapter}")
+        if sidecar.exists():
+            overrides = {**json.loads(sidecar.read_text()).get("backbone", {}), **overrides}
+
+    state: dict[str, torch.Tensor] = {}
+    if path.is_file() and path.suffix == ".gguf":
+        if read_weights:
+            hf, state = _state_from_gguf(path)
+        else:
+            from gguf import GGUFReader
+
+            hf = _gguf_hf_config(GGUFReader(str(path)), path)
+        mapper = _ours_from_hf
+    else:
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{path} has no config.json (expected a checkpoint directory or a .gguf file)")
+        hf = json.loads(cfg_file.read_text())
+        if read_weights:
+            state = _read_safetensors_dir(path)
+        mapper = _ours_from_llada if detect_arch(hf) == "llada" else _ours_from_hf
+    if detect_arch(hf) == "llama" and "mask_token_id" not in overrides and "mask_token_id" not in hf:
+        raise ValueError(f"{path}: an AR checkpoint needs mask_token_id (an unused vocabulary entry) to be adapted")
+    lora = {k: overrides.pop(k) for k in ("lora_rank", "lora_alpha", "lora_targets") if k in overrides}
+    return path, config_from_hf(hf, **overrides), lora, adapter, state, mapper
 
 
 @torch.no_grad()

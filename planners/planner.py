@@ -188,10 +188,12 @@ class Planner:
             model.config = with_eos(model.config)
             return model
 
-        # the config alone (no weights read) decides the engine; a cached GGUF export then needs no torch model
-        c = with_eos(backbone_config(src, **load_kw))
         # the export copies SmolLM2's tokenizer metadata: auto takes llama.cpp for the embedded planner only
-        exportable = c.arch == "llama" and c.attention == "block_causal" and (path is None or engine == "llama_cpp")
+        c, exportable = None, False
+        if engine != "torch" and (path is None or engine == "llama_cpp"):
+            # the config alone (no weights read) decides; a cached GGUF export then needs no torch model
+            c = with_eos(backbone_config(src, **load_kw))
+            exportable = c.arch == "llama" and c.attention == "block_causal"
         if sampler is not None and sampler.cache == "none":
             if engine == "llama_cpp":
                 raise ValueError("planner.engine=llama_cpp needs the prefix KV cache: set planner.cache=prefix")
@@ -199,6 +201,7 @@ class Planner:
         if choose_engine(engine, device=dev, llama_arch=exportable) == "llama_cpp":
             from planners.llama_engine import load_engine
 
+            assert c is not None  # llama.cpp is chosen only for an exportable config
             sources = [src / "model.safetensors"] if path is None else [src]
             sources.append(None if untrained or adapter is None else Path(adapter))
             gguf = src if path is not None and src.suffix == ".gguf" else None  # its own tokenizer
